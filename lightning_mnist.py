@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.tuner import Tuner
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -35,6 +35,7 @@ MNIST_MEAN = 0.1307  # mean pixel value of the MNIST training images, scaled to 
 MNIST_STD = 0.3081  # and their standard deviation
 VAL_FRACTION = 1 / 12  # 5,000 of the 60,000 training images are held out for validation
 SPLIT_SEED = 42  # fixed, so every run validates on the same 5,000 images
+LOG_EVERY_N_STEPS = 10  # train_loss to TensorBoard and the progress bar: 110 points in a default run
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
 # Keep the output to what a user can act on: Lightning 2.6 advertises its cloud logger
@@ -140,14 +141,16 @@ class LitNeuralNet(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, _ = self._shared_step(batch)
         # The video returned {"loss": loss, "log": {...}}; Lightning 2.x takes the loss
-        # and logs through self.log.
-        self.log("train_loss", loss, prog_bar=True)
+        # and logs through self.log. A self.log call costs a good part of a step of this
+        # small net, so it is made only on the steps that Lightning writes to TensorBoard.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
         labels = batch[1]
-        self.val_acc(logits, labels)
+        self.val_acc.update(logits, labels)  # update() only: no per-batch accuracy is needed
         self.val_loss_mean.update(loss, weight=len(labels))
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
@@ -162,12 +165,17 @@ class LitNeuralNet(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
-        self.test_acc(logits, batch[1])
+        self.test_acc.update(logits, batch[1])
         self.log("test_loss", loss, sync_dist=True)
         self.log("test_acc", self.test_acc)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
+        # The fused kernel updates all parameters at once: about a quarter faster per
+        # step on CPU. TPUs (XLA) have none, and Lightning cannot clip the gradients of
+        # a fused optimizer under mixed precision.
+        clips_mixed = self.trainer.gradient_clip_val and self.trainer.precision.endswith("mixed")
+        fused = self.device.type in ("cpu", "cuda", "mps") and not clips_mixed
+        return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=fused)
 
     def prepare_data(self) -> None:
         # Lightning calls this once per machine, so several processes never download
@@ -384,7 +392,9 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
         # The 2.x names of the video's train_percent_check and val_percent_check.
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
-        callbacks=[best, last],
+        log_every_n_steps=LOG_EVERY_N_STEPS,
+        # Redrawing the bar at every step of a fast net costs more than the step itself.
+        callbacks=[best, last, TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)],
     )
 
 

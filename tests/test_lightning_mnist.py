@@ -312,6 +312,8 @@ def test_default_run_on_real_mnist_reaches_97_percent(real_mnist, tmp_path):
     accuracy = test_accuracy(result.stdout)
     print(f"real MNIST, default run: {accuracy:.2f}% test accuracy")
     assert accuracy >= 97.0
+    # What a user sees is clean: no Python warning (printed as "file.py:LINE: message").
+    assert not re.search(r"\.py:\d+: ", result.stdout + result.stderr), result.stderr
 
 
 def test_tiny_mnist_sizes_match_the_split():
