@@ -29,7 +29,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import MNIST
 
-INPUT_SIZE = 28 * 28  # MNIST images are 28x28 pixels, flattened
+IMAGE_SIZE = 28  # MNIST images are 28x28 pixels
+INPUT_SIZE = IMAGE_SIZE * IMAGE_SIZE  # flattened
 NUM_CLASSES = 10  # the digits 0-9
 MNIST_MEAN = 0.1307  # mean pixel value of the MNIST training images, scaled to [0, 1]
 MNIST_STD = 0.3081  # and their standard deviation
@@ -86,15 +87,27 @@ def mnist_files_present(data_dir: str) -> bool:
 
 def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
     """Read one MNIST split through torchvision, as tensors, or say what is wrong."""
+    raw = Path(data_dir, "MNIST", "raw")
     try:
         mnist = MNIST(data_dir, train=train)
     except Exception as error:  # torchvision reports truncated or corrupt files in many ways
         raise DataError(
-            f"the MNIST files in {Path(data_dir, 'MNIST', 'raw')} could not be read "
-            f"({type(error).__name__}: {error}). Delete them to download them again, "
-            "or point --data-dir at an intact copy."
+            f"the MNIST files in {raw} could not be read ({type(error).__name__}: {error}). "
+            "Delete them to download them again, or point --data-dir at an intact copy."
         ) from error
-    return MNISTTensors(mnist.data, mnist.targets)
+    # torchvision checks each file's header, not that the files make a usable data set:
+    # wrong ones would otherwise fail in the middle of training, far from the cause.
+    split = "train" if train else "t10k"
+    images_file, labels_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+    images, labels = mnist.data, mnist.targets
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        height, width = images.shape[1:]
+        raise DataError(f"{images_file} holds {height}x{width} images; MNIST images are {IMAGE_SIZE}x{IMAGE_SIZE}.")
+    if len(labels) != len(images):
+        raise DataError(f"{labels_file} holds {len(labels)} labels for the {len(images)} images in {images_file}.")
+    if (labels >= NUM_CLASSES).any():
+        raise DataError(f"{labels_file} holds labels up to {labels.max()}; MNIST labels are 0-{NUM_CLASSES - 1}.")
+    return MNISTTensors(images, labels)
 
 
 ## Model: the LightningModule
@@ -194,7 +207,9 @@ class LitNeuralNet(pl.LightningModule):
             val_index, train_index = order.split([val_size, len(full) - val_size])
             self.mnist_train = MNISTTensors(full.images[train_index], full.labels[train_index])
             self.mnist_val = MNISTTensors(full.images[val_index], full.labels[val_index])
-        if stage == "test" and not hasattr(self, "mnist_test"):
+        # The test files are read before training too, so that wrong ones stop the run
+        # before it trains, not after.
+        if stage in ("fit", "test") and not hasattr(self, "mnist_test"):
             self.mnist_test = load_mnist(self.hparams.data_dir, train=False)
 
     def _dataloader(self, dataset: MNISTTensors, shuffle: bool) -> DataLoader:
