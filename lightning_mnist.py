@@ -24,7 +24,9 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import MNIST
@@ -378,6 +380,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class ExclusiveTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger, with a version_N folder of its own for every run."""
+
+    def _get_next_version(self) -> int:
+        # Lightning takes the highest version_N it finds, plus one, so two runs started
+        # together in one folder can take the same version_N and overwrite each other's
+        # checkpoints. A mkdir either creates the folder or fails, atomically: the run
+        # whose mkdir succeeds owns it. Only global rank 0 claims one; the other DDP
+        # processes write nothing, and ModelCheckpoint uses the folder of rank 0.
+        version = super()._get_next_version()
+        if rank_zero_only.rank != 0:
+            return version
+        while True:
+            try:
+                Path(self.root_dir, f"version_{version}").mkdir(parents=True)
+                return version
+            except FileExistsError:
+                version += 1
+
+
 def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     """A Trainer configured by the command line, checkpointing the best epoch by val_acc."""
     # The video's Trainer(gpus=N) is gone in Lightning 2.x: accelerator="gpu", devices=N.
@@ -400,6 +422,7 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
         callbacks=[best, last],
+        logger=ExclusiveTensorBoardLogger(save_dir=Path.cwd()),
     )
 
 

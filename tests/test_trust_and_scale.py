@@ -2,18 +2,71 @@
 processes and machines, runs that never overwrite each other, and wrong data files."""
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
+import torch
 from conftest import (
+    SCRIPT,
     TINY_TEST,
     TINY_TRAIN,
     make_digits,
     write_idx_images,
     write_idx_labels,
 )
+from test_lightning_mnist import best_checkpoint
 
-from lightning_mnist import main
+from lightning_mnist import ExclusiveTensorBoardLogger, main
+
+## No lost work
+
+
+def test_loggers_that_pick_their_version_at_once_each_get_a_folder_of_their_own(tmp_path):
+    # Lightning's logger takes the highest version_N plus one, so two runs that look
+    # before either has written anything take the same folder. This one claims it as it picks it.
+    assert [pl.loggers.TensorBoardLogger(save_dir=tmp_path / "plain").version for _ in range(2)] == [0, 0]
+    first, second = (ExclusiveTensorBoardLogger(save_dir=tmp_path) for _ in range(2))
+    assert (first.version, second.version) == (0, 1)
+    assert sorted(path.name for path in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+
+
+def test_loggers_of_other_ranks_create_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(pl.utilities.rank_zero.rank_zero_only, "rank", 1)
+    assert ExclusiveTensorBoardLogger(save_dir=tmp_path).version == 0
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_runs_started_together_in_one_folder_keep_their_own_logs_and_checkpoints(tiny_mnist, tmp_path):
+    earlier = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("an earlier run")
+    flags = ("--data-dir", str(tiny_mnist), "--max-epochs", "1", "--limit-train-batches", "2")
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPT), *flags, "--hidden-size", hidden_size],
+            cwd=tmp_path,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for hidden_size in ("8", "16")
+    ]
+    outputs = [run.communicate(timeout=180)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    folders = set()
+    for hidden_size, output in zip((8, 16), outputs, strict=True):
+        folder = best_checkpoint(output).parent.parent
+        folders.add(folder)
+        for checkpoint in folder.glob("checkpoints/*.ckpt"):
+            assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["hidden_size"] == hidden_size
+        assert f"hidden_size: {hidden_size}\n" in (folder / "hparams.yaml").read_text()
+    assert folders == {tmp_path / "lightning_logs" / f"version_{n}" for n in (1, 2)}
+    assert earlier.read_text() == "an earlier run"
+
 
 ## Data files that torchvision reads but that are wrong
 
