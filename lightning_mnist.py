@@ -14,6 +14,8 @@ Where Lightning 2.x differs from the video, a comment says so at that place.
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -41,9 +43,10 @@ SPLIT_SEED = 42  # fixed, so every run validates on the same 5,000 images
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
 # Keep the output to what a user can act on: Lightning 2.6 advertises its cloud logger
-# at every start, and its own code trips a deprecation warning of newer torch.
+# at every start, its own code trips a deprecation warning of newer torch, and after
+# Ctrl-C or SIGTERM it reports the saved checkpoint in a garbled line that main() says better.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-    lambda record: "litlogger" not in record.getMessage()
+    lambda record: not any(text in record.getMessage() for text in ("litlogger", "was raised with message"))
 )
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -406,8 +409,9 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     accelerator, devices = ("gpu", args.gpus) if args.gpus else (args.accelerator, args.devices)
     best = ModelCheckpoint(monitor="val_acc", mode="max", filename="{epoch}-{val_acc:.4f}")
     # Lightning 2.6 rewrites save_last=True's last.ckpt only when val_acc improves, so a
-    # second checkpoint holds the latest epoch, to resume from.
-    last = ModelCheckpoint(filename="last", enable_version_counter=False)
+    # second checkpoint holds the latest epoch, to resume from. When Ctrl-C or SIGTERM
+    # stops training, Lightning saves it there and then, in the middle of the epoch.
+    last = ModelCheckpoint(filename="last", enable_version_counter=False, save_on_exception=True)
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -432,8 +436,37 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _resume_command(argv: list[str], checkpoint: Path) -> str:
+    """This run's command line with --ckpt-path set to checkpoint, which continues the run."""
+    flags, after_ckpt_path = [], False
+    for arg in argv:  # leave out the --ckpt-path the run was started with, if any
+        if not (after_ckpt_path or arg == "--ckpt-path" or arg.startswith("--ckpt-path=")):
+            flags.append(arg)
+        after_ckpt_path = arg == "--ckpt-path"
+    return shlex.join(["python", sys.argv[0], *flags, "--ckpt-path", str(checkpoint)])
+
+
+def _report_interruption(trainer: pl.Trainer, argv: list[str]) -> int:
+    """Say how to continue a run that Ctrl-C or SIGTERM stopped; the exit status is 128 + the signal's number."""
+    # 130 and 143 are what a shell or a scheduler reports for a process stopped by SIGINT or SIGTERM.
+    stopped_by = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
+    if trainer.is_global_zero:
+        folder = trainer.checkpoint_callback.dirpath
+        checkpoint = Path(folder, "last.ckpt") if folder else None  # build_trainer's `last`
+        if trainer.global_step and checkpoint and checkpoint.is_file():
+            print(
+                f"Training stopped by {stopped_by.name} in epoch {trainer.current_epoch} at step "
+                f"{trainer.global_step}; Lightning saved it in {checkpoint}."
+            )
+            print(f"Continue it with:\n  {_resume_command(argv, checkpoint)}")
+        else:
+            print(f"Training stopped by {stopped_by.name} before its first step: nothing to continue.")
+    return 128 + stopped_by
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train, validate and test; print the test accuracy and the best checkpoint."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     pl.seed_everything(args.seed, workers=True)
     model = LitNeuralNet(
@@ -463,6 +496,11 @@ def main(argv: list[str] | None = None) -> int:
         results = trainer.test(model, ckpt_path=None if args.fast_dev_run else "best")
     except (DataError, MisconfigurationException) as error:  # a setting that does not fit the data, say
         return _fail(str(error))
+    except SystemExit:
+        # Lightning stops a run on Ctrl-C or SIGTERM with SystemExit, after saving last.ckpt.
+        if not trainer.interrupted:
+            raise
+        return _report_interruption(trainer, argv)
     if trainer.is_global_zero:
         print(f"Test accuracy: {100 * results[0]['test_acc']:.2f}%")
         print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path or '(none: fast_dev_run saves none)'}")

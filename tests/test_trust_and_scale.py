@@ -1,9 +1,15 @@
 """Trust and scale: resuming after an interruption, bit-identical reruns, DDP across
 processes and machines, runs that never overwrite each other, and wrong data files."""
 
+import os
+import re
+import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,12 +20,103 @@ from conftest import (
     TINY_TEST,
     TINY_TRAIN,
     make_digits,
+    run_script,
     write_idx_images,
     write_idx_labels,
 )
-from test_lightning_mnist import best_checkpoint
+from test_lightning_mnist import best_checkpoint, test_accuracy
 
 from lightning_mnist import ExclusiveTensorBoardLogger, main
+
+## Interruption and resume
+
+
+class BackgroundRun:
+    """lightning_mnist.py started in its own process, its output collected as it comes."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while chunk := os.read(self.process.stdout.fileno(), 1 << 16):
+            self.chunks.append(chunk)
+
+    @property
+    def output(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def wait_for_progress(self, epoch: int, batches: int, at_least: int, timeout: float = 120) -> None:
+        """Wait until the progress bar shows at least `at_least` of the epoch's batches done."""
+        progress = re.compile(rf"Epoch {epoch}: .*?\| *(\d+)/{batches}\b")
+        deadline = time.monotonic() + timeout
+        while not any(int(done) >= at_least for done in progress.findall(self.output[-20_000:])):
+            assert self.process.poll() is None, self.output
+            assert time.monotonic() < deadline, self.output
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 120) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            self.process.kill()
+            self.reader.join()
+
+
+# 300 batches of one image an epoch, a small net: epochs long enough to interrupt in the middle.
+STEPS_PER_EPOCH = 300
+SLOW_RUN = ("--batch-size", "1", "--hidden-size", "16", "--limit-train-batches", str(STEPS_PER_EPOCH))
+SLOW_RUN += ("--limit-val-batches", "5", "--max-epochs", "2")
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(tiny_mnist, tmp_path):
+    flags = ["--data-dir", str(tiny_mnist), *SLOW_RUN]
+    run = BackgroundRun(*flags, cwd=tmp_path)
+    run.wait_for_progress(epoch=1, batches=STEPS_PER_EPOCH, at_least=5)
+    run.process.send_signal(signal.SIGTERM)
+    assert run.finish() == 128 + signal.SIGTERM, run.output
+
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["epoch"] == 1 and STEPS_PER_EPOCH < saved["global_step"] < 2 * STEPS_PER_EPOCH  # mid-epoch
+    # The message says once how to go on: this run's command with --ckpt-path.
+    assert re.findall(r"Training stopped by SIGTERM in epoch 1 at step (\d+)", run.output) == [
+        str(saved["global_step"])
+    ]
+    commands = re.findall(r"^  (python .+)$", run.output, re.MULTILINE)
+    assert len(commands) == 1
+    command = shlex.split(commands[0])
+    assert command[1:] == [str(SCRIPT), *flags, "--ckpt-path", str(checkpoint)]
+
+    resumed = run_script(*command[2:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert test_accuracy(resumed.stdout) >= 90.0
+    final = torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert final["epoch"] == 1 and final["global_step"] == 2 * STEPS_PER_EPOCH
+    # Adam counts its steps: it went on from the saved state instead of starting again.
+    assert {state["step"].item() for state in final["optimizer_states"][0]["state"].values()} == {2 * STEPS_PER_EPOCH}
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == saved["global_step"]  # left as it was
+
+
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path):
+    run = BackgroundRun("--data-dir", str(tiny_mnist), *SLOW_RUN, cwd=tmp_path)
+    run.wait_for_progress(epoch=0, batches=STEPS_PER_EPOCH, at_least=5)
+    run.process.send_signal(signal.SIGINT)
+    assert run.finish() == 128 + signal.SIGINT, run.output
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert 0 < torch.load(checkpoint, weights_only=False)["global_step"] < STEPS_PER_EPOCH
+    assert run.output.count("Training stopped by SIGINT in epoch 0") == 1
+    assert f"--ckpt-path {checkpoint}\n" in run.output
+    assert "Traceback" not in run.output
+
 
 ## No lost work
 
