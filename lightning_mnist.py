@@ -7,6 +7,7 @@ with the best checkpoint.
 
     python lightning_mnist.py                  # 2 epochs, about 97.5% test accuracy
     python lightning_mnist.py --fast-dev-run   # one batch through every step
+    python lightning_mnist.py --accelerator cpu --devices 2 --strategy ddp   # two processes
     tensorboard --logdir lightning_logs        # watch the curves
 
 Where Lightning 2.x differs from the video, a comment says so at that place.
@@ -22,15 +23,17 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import MNIST
 
 IMAGE_SIZE = 28  # MNIST images are 28x28 pixels
@@ -217,7 +220,9 @@ class LitNeuralNet(pl.LightningModule):
         if stage in ("fit", "test") and not hasattr(self, "mnist_test"):
             self.mnist_test = load_mnist(self.hparams.data_dir, train=False)
 
-    def _dataloader(self, dataset: MNISTTensors, shuffle: bool) -> DataLoader:
+    def _dataloader(
+        self, dataset: MNISTTensors, shuffle: bool, sampler: DistributedSampler | None = None
+    ) -> DataLoader:
         # The video's tip was num_workers=4. Here the data is already in memory and a
         # batch takes microseconds to build, so worker processes would only add the cost
         # of sending every batch between processes: 0 (the main process) is fastest.
@@ -225,6 +230,7 @@ class LitNeuralNet(pl.LightningModule):
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=_batch_as_is,
             persistent_workers=self.hparams.num_workers > 0,
@@ -238,7 +244,12 @@ class LitNeuralNet(pl.LightningModule):
         return self._dataloader(self.mnist_val, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._dataloader(self.mnist_test, shuffle=False)
+        # Under DDP Lightning gives each process a DistributedSampler, which repeats a few
+        # images when the test set does not split evenly, and the accuracy would count them
+        # twice. Lightning's unrepeated sampler gives each process its own share instead,
+        # so the accuracy, synced across processes, counts every test image exactly once.
+        sampler = UnrepeatedDistributedSampler(self.mnist_test, shuffle=False) if dist.is_initialized() else None
+        return self._dataloader(self.mnist_test, shuffle=False, sampler=sampler)
 
 
 ## Command line: every Trainer feature the video shows, as a flag

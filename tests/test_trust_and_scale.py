@@ -6,6 +6,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,10 +24,11 @@ from conftest import (
     run_script,
     write_idx_images,
     write_idx_labels,
+    write_mnist,
 )
 from test_lightning_mnist import best_checkpoint, test_accuracy
 
-from lightning_mnist import ExclusiveTensorBoardLogger, main
+from lightning_mnist import ExclusiveTensorBoardLogger, LitNeuralNet, main
 
 ## Interruption and resume
 
@@ -116,6 +118,93 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path)
     assert run.output.count("Training stopped by SIGINT in epoch 0") == 1
     assert f"--ckpt-path {checkpoint}\n" in run.output
     assert "Traceback" not in run.output
+
+
+## DDP: several processes on one machine, and several machines
+
+
+def assert_matches_one_process_evaluation(checkpoint: Path, reported_test_accuracy: float) -> None:
+    """The checkpoint, tested and validated in this one process on every image once, gives the same accuracies."""
+    model = LitNeuralNet.load_from_checkpoint(checkpoint)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    (tested,) = trainer.test(model, verbose=False)
+    assert 100 * tested["test_acc"] == pytest.approx(reported_test_accuracy, abs=0.006)
+    (validated,) = trainer.validate(model, verbose=False)
+    best_val_acc = next(
+        state for key, state in torch.load(checkpoint, weights_only=False)["callbacks"].items() if "val_acc" in key
+    )
+    assert validated["val_acc"] == pytest.approx(best_val_acc["best_model_score"].item())
+
+
+@pytest.fixture(scope="module")
+def odd_mnist(tmp_path_factory) -> Path:
+    """The tiny MNIST with one test image more: 201 do not split evenly over two processes."""
+    return write_mnist(tmp_path_factory.mktemp("odd_mnist"), test=TINY_TEST + 1)
+
+
+# A low learning rate and one epoch keep the accuracy far from 100%, so a miscount shows.
+DDP_RUN = ("--accelerator", "cpu", "--strategy", "ddp", "--max-epochs", "1", "--lr", "1e-4")
+
+
+def test_ddp_on_two_processes_shards_the_data_syncs_the_metrics_and_reports_once(odd_mnist, tmp_path):
+    result = run_script("--data-dir", str(odd_mnist), "--devices", "2", *DDP_RUN, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr
+    accuracy = test_accuracy(result.stdout)  # printed once, by global rank 0
+    assert accuracy < 90.0
+    best = best_checkpoint(result.stdout)
+    # Each process trained on its own half of the 550 images: 3 batches of 100, not 6.
+    assert torch.load(best, weights_only=False)["global_step"] == 3
+    assert_matches_one_process_evaluation(best, accuracy)
+    assert "DistributedSampler" not in result.stdout + result.stderr
+    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_machines_started_by_torchrun_train_together_and_report_once(odd_mnist, tmp_path):
+    port = free_port()
+    nodes = []
+    try:
+        for node_rank in (0, 1):
+            machine = tmp_path / f"machine{node_rank}"  # a folder for each, as on two machines
+            machine.mkdir()
+            torchrun = [sys.executable, "-m", "torch.distributed.run"]  # what the torchrun command runs
+            torchrun += ["--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank)]
+            torchrun += ["--master-addr", "127.0.0.1", "--master-port", str(port)]
+            script = [str(SCRIPT), "--data-dir", str(odd_mnist), "--devices", "1", "--num-nodes", "2", *DDP_RUN]
+            with open(machine / "output.txt", "w") as output:
+                nodes.append(
+                    subprocess.Popen(
+                        torchrun + script,
+                        cwd=machine,
+                        stdin=subprocess.DEVNULL,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,  # so that the finally below can stop torchrun and its worker
+                    )
+                )
+        for node in nodes:
+            node.wait(timeout=180)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
+    first, second = ((tmp_path / f"machine{rank}" / "output.txt").read_text() for rank in (0, 1))
+    assert [node.returncode for node in nodes] == [0, 0], first + second
+    assert "MEMBER: 2/2" in second
+    accuracy = test_accuracy(first)
+    assert "Test accuracy" not in second
+    best = best_checkpoint(first)
+    assert torch.load(best, weights_only=False)["global_step"] == 3  # each machine trained on half the data
+    assert_matches_one_process_evaluation(best, accuracy)
+    assert list((tmp_path / "machine1").iterdir()) == [tmp_path / "machine1" / "output.txt"]  # rank 1 writes nothing
 
 
 ## No lost work
