@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import pytest
 import pytorch_lightning as pl
@@ -66,11 +67,14 @@ class BackgroundRun:
             time.sleep(0.02)
 
     def finish(self, timeout: float = 120) -> int:
-        try:
-            return self.process.wait(timeout)
-        finally:
-            self.process.kill()
-            self.reader.join()
+        return self.process.wait(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.process.kill()  # whatever happened, it does not outlive the test
+        self.reader.join()
 
 
 # 300 batches of one image an epoch, a small net: epochs long enough to interrupt in the middle.
@@ -81,10 +85,10 @@ SLOW_RUN += ("--limit-val-batches", "5", "--max-epochs", "2")
 
 def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(tiny_mnist, tmp_path):
     flags = ["--data-dir", str(tiny_mnist), *SLOW_RUN]
-    run = BackgroundRun(*flags, cwd=tmp_path)
-    run.wait_for_progress(epoch=1, batches=STEPS_PER_EPOCH, at_least=5)
-    run.process.send_signal(signal.SIGTERM)
-    assert run.finish() == 128 + signal.SIGTERM, run.output
+    with BackgroundRun(*flags, cwd=tmp_path) as run:
+        run.wait_for_progress(epoch=1, batches=STEPS_PER_EPOCH, at_least=5)
+        run.process.send_signal(signal.SIGTERM)
+        assert run.finish() == 128 + signal.SIGTERM, run.output
 
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     saved = torch.load(checkpoint, weights_only=False)
@@ -109,15 +113,64 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(
 
 
 def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path):
-    run = BackgroundRun("--data-dir", str(tiny_mnist), *SLOW_RUN, cwd=tmp_path)
-    run.wait_for_progress(epoch=0, batches=STEPS_PER_EPOCH, at_least=5)
-    run.process.send_signal(signal.SIGINT)
-    assert run.finish() == 128 + signal.SIGINT, run.output
+    with BackgroundRun("--data-dir", str(tiny_mnist), *SLOW_RUN, cwd=tmp_path) as run:
+        run.wait_for_progress(epoch=0, batches=STEPS_PER_EPOCH, at_least=5)
+        run.process.send_signal(signal.SIGINT)
+        assert run.finish() == 128 + signal.SIGINT, run.output
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert 0 < torch.load(checkpoint, weights_only=False)["global_step"] < STEPS_PER_EPOCH
     assert run.output.count("Training stopped by SIGINT in epoch 0") == 1
     assert f"--ckpt-path {checkpoint}\n" in run.output
     assert "Traceback" not in run.output
+
+
+## Reproducibility
+
+
+def run_at_once(*runs: tuple[Path, list[str]], timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """Start lightning_mnist.py once for each (folder, arguments), all at the same time, and wait for all."""
+    processes = []
+    try:
+        for cwd, args in runs:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(SCRIPT), *args],
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        results = []
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        return results
+    finally:
+        for process in processes:
+            process.kill()  # whatever happened, none outlives the test
+
+
+def test_same_seed_gives_bit_identical_weights_and_accuracy_and_another_seed_does_not(tiny_mnist, tmp_path):
+    flags = ("--data-dir", str(tiny_mnist), "--max-epochs", "1", "--limit-train-batches", "3", "--deterministic")
+    seeds = {"first": "7", "again": "7", "other": "8"}
+    for name in seeds:
+        (tmp_path / name).mkdir()
+    results = run_at_once(*((tmp_path / name, [*flags, "--seed", seed]) for name, seed in seeds.items()))
+    assert [result.returncode for result in results] == [0, 0, 0], [result.stderr for result in results]
+    outputs = {name: result.stdout for name, result in zip(seeds, results, strict=True)}
+
+    weights = {
+        name: torch.load(
+            tmp_path / name / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False
+        )["state_dict"]
+        for name in seeds
+    }
+    for key in ("l1.weight", "l1.bias", "l2.weight", "l2.bias"):
+        assert torch.equal(weights["first"][key], weights["again"][key]), key
+        assert not torch.equal(weights["first"][key], weights["other"][key]), key
+    assert test_accuracy(outputs["first"]) == test_accuracy(outputs["again"])
 
 
 ## DDP: several processes on one machine, and several machines
@@ -230,22 +283,11 @@ def test_runs_started_together_in_one_folder_keep_their_own_logs_and_checkpoints
     earlier.parent.mkdir(parents=True)
     earlier.write_text("an earlier run")
     flags = ("--data-dir", str(tiny_mnist), "--max-epochs", "1", "--limit-train-batches", "2")
-    runs = [
-        subprocess.Popen(
-            [sys.executable, str(SCRIPT), *flags, "--hidden-size", hidden_size],
-            cwd=tmp_path,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
-        for hidden_size in ("8", "16")
-    ]
-    outputs = [run.communicate(timeout=180)[0] for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], outputs
+    results = run_at_once(*((tmp_path, [*flags, "--hidden-size", size]) for size in ("8", "16")))
+    assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
     folders = set()
-    for hidden_size, output in zip((8, 16), outputs, strict=True):
-        folder = best_checkpoint(output).parent.parent
+    for hidden_size, result in zip((8, 16), results, strict=True):
+        folder = best_checkpoint(result.stdout).parent.parent
         folders.add(folder)
         for checkpoint in folder.glob("checkpoints/*.ckpt"):
             assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["hidden_size"] == hidden_size
