@@ -7,6 +7,7 @@ with the best checkpoint.
 
     python lightning_mnist.py                  # 2 epochs, about 97.5% test accuracy
     python lightning_mnist.py --fast-dev-run   # one batch through every step
+    python lightning_mnist.py --accelerator cpu --devices 2 --strategy ddp   # two processes
     tensorboard --logdir lightning_logs        # watch the curves
 
 Where Lightning 2.x differs from the video, a comment says so at that place.
@@ -14,22 +15,29 @@ Where Lightning 2.x differs from the video, a comment says so at that place.
 
 import argparse
 import logging
+import shlex
+import signal
 import sys
 import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from pytorch_lightning.tuner import Tuner
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import MNIST
 
-INPUT_SIZE = 28 * 28  # MNIST images are 28x28 pixels, flattened
+IMAGE_SIZE = 28  # MNIST images are 28x28 pixels
+INPUT_SIZE = IMAGE_SIZE * IMAGE_SIZE  # flattened
 NUM_CLASSES = 10  # the digits 0-9
 MNIST_MEAN = 0.1307  # mean pixel value of the MNIST training images, scaled to [0, 1]
 MNIST_STD = 0.3081  # and their standard deviation
@@ -39,9 +47,10 @@ LOG_EVERY_N_STEPS = 10  # train_loss to TensorBoard and the progress bar: 110 po
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
 
 # Keep the output to what a user can act on: Lightning 2.6 advertises its cloud logger
-# at every start, and its own code trips a deprecation warning of newer torch.
+# at every start, its own code trips a deprecation warning of newer torch, and after
+# Ctrl-C or SIGTERM it reports the saved checkpoint in a garbled line that main() says better.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-    lambda record: "litlogger" not in record.getMessage()
+    lambda record: not any(text in record.getMessage() for text in ("litlogger", "was raised with message"))
 )
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
@@ -87,15 +96,27 @@ def mnist_files_present(data_dir: str) -> bool:
 
 def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
     """Read one MNIST split through torchvision, as tensors, or say what is wrong."""
+    raw = Path(data_dir, "MNIST", "raw")
     try:
         mnist = MNIST(data_dir, train=train)
     except Exception as error:  # torchvision reports truncated or corrupt files in many ways
         raise DataError(
-            f"the MNIST files in {Path(data_dir, 'MNIST', 'raw')} could not be read "
-            f"({type(error).__name__}: {error}). Delete them to download them again, "
-            "or point --data-dir at an intact copy."
+            f"the MNIST files in {raw} could not be read ({type(error).__name__}: {error}). "
+            "Delete them to download them again, or point --data-dir at an intact copy."
         ) from error
-    return MNISTTensors(mnist.data, mnist.targets)
+    # torchvision checks each file's header, not that the files make a usable data set:
+    # wrong ones would otherwise fail in the middle of training, far from the cause.
+    split = "train" if train else "t10k"
+    images_file, labels_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+    images, labels = mnist.data, mnist.targets
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
+        height, width = images.shape[1:]
+        raise DataError(f"{images_file} holds {height}x{width} images; MNIST images are {IMAGE_SIZE}x{IMAGE_SIZE}.")
+    if len(labels) != len(images):
+        raise DataError(f"{labels_file} holds {len(labels)} labels for the {len(images)} images in {images_file}.")
+    if (labels >= NUM_CLASSES).any():
+        raise DataError(f"{labels_file} holds labels up to {labels.max()}; MNIST labels are 0-{NUM_CLASSES - 1}.")
+    return MNISTTensors(images, labels)
 
 
 ## Model: the LightningModule
@@ -202,10 +223,14 @@ class LitNeuralNet(pl.LightningModule):
             val_index, train_index = order.split([val_size, len(full) - val_size])
             self.mnist_train = MNISTTensors(full.images[train_index], full.labels[train_index])
             self.mnist_val = MNISTTensors(full.images[val_index], full.labels[val_index])
-        if stage == "test" and not hasattr(self, "mnist_test"):
+        # The test files are read before training too, so that wrong ones stop the run
+        # before it trains, not after.
+        if stage in ("fit", "test") and not hasattr(self, "mnist_test"):
             self.mnist_test = load_mnist(self.hparams.data_dir, train=False)
 
-    def _dataloader(self, dataset: MNISTTensors, shuffle: bool) -> DataLoader:
+    def _dataloader(
+        self, dataset: MNISTTensors, shuffle: bool, sampler: DistributedSampler | None = None
+    ) -> DataLoader:
         # The video's tip was num_workers=4. Here the data is already in memory and a
         # batch takes microseconds to build, so worker processes would only add the cost
         # of sending every batch between processes: 0 (the main process) is fastest.
@@ -213,6 +238,7 @@ class LitNeuralNet(pl.LightningModule):
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=_batch_as_is,
             persistent_workers=self.hparams.num_workers > 0,
@@ -226,7 +252,12 @@ class LitNeuralNet(pl.LightningModule):
         return self._dataloader(self.mnist_val, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._dataloader(self.mnist_test, shuffle=False)
+        # Under DDP Lightning gives each process a DistributedSampler, which repeats a few
+        # images when the test set does not split evenly, and the accuracy would count them
+        # twice. Lightning's unrepeated sampler gives each process its own share instead,
+        # so the accuracy, synced across processes, counts every test image exactly once.
+        sampler = UnrepeatedDistributedSampler(self.mnist_test, shuffle=False) if dist.is_initialized() else None
+        return self._dataloader(self.mnist_test, shuffle=False, sampler=sampler)
 
 
 ## Command line: every Trainer feature the video shows, as a flag
@@ -371,14 +402,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class ExclusiveTensorBoardLogger(TensorBoardLogger):
+    """Lightning's TensorBoard logger, with a version_N folder of its own for every run."""
+
+    def _get_next_version(self) -> int:
+        # Lightning takes the highest version_N it finds, plus one, so two runs started
+        # together in one folder can take the same version_N and overwrite each other's
+        # checkpoints. A mkdir either creates the folder or fails, atomically: the run
+        # whose mkdir succeeds owns it. Only global rank 0 claims one; the other DDP
+        # processes write nothing, and ModelCheckpoint uses the folder of rank 0.
+        version = super()._get_next_version()
+        if rank_zero_only.rank != 0:
+            return version
+        while True:
+            try:
+                Path(self.root_dir, f"version_{version}").mkdir(parents=True)
+                return version
+            except FileExistsError:
+                version += 1
+
+
 def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     """A Trainer configured by the command line, checkpointing the best epoch by val_acc."""
     # The video's Trainer(gpus=N) is gone in Lightning 2.x: accelerator="gpu", devices=N.
     accelerator, devices = ("gpu", args.gpus) if args.gpus else (args.accelerator, args.devices)
     best = ModelCheckpoint(monitor="val_acc", mode="max", filename="{epoch}-{val_acc:.4f}")
     # Lightning 2.6 rewrites save_last=True's last.ckpt only when val_acc improves, so a
-    # second checkpoint holds the latest epoch, to resume from.
-    last = ModelCheckpoint(filename="last", enable_version_counter=False)
+    # second checkpoint holds the latest epoch, to resume from. When Ctrl-C or SIGTERM
+    # stops training, Lightning saves it there and then, in the middle of the epoch.
+    last = ModelCheckpoint(filename="last", enable_version_counter=False, save_on_exception=True)
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -395,6 +447,7 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
         log_every_n_steps=LOG_EVERY_N_STEPS,
         # Redrawing the bar at every step of a fast net costs more than the step itself.
         callbacks=[best, last, TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)],
+        logger=ExclusiveTensorBoardLogger(save_dir=Path.cwd()),
     )
 
 
@@ -404,8 +457,37 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _resume_command(argv: list[str], checkpoint: Path) -> str:
+    """This run's command line with --ckpt-path set to checkpoint, which continues the run."""
+    flags, after_ckpt_path = [], False
+    for arg in argv:  # leave out the --ckpt-path the run was started with, if any
+        if not (after_ckpt_path or arg == "--ckpt-path" or arg.startswith("--ckpt-path=")):
+            flags.append(arg)
+        after_ckpt_path = arg == "--ckpt-path"
+    return shlex.join(["python", sys.argv[0], *flags, "--ckpt-path", str(checkpoint)])
+
+
+def _report_interruption(trainer: pl.Trainer, argv: list[str]) -> int:
+    """Say how to continue a run that Ctrl-C or SIGTERM stopped; the exit status is 128 + the signal's number."""
+    # 130 and 143 are what a shell or a scheduler reports for a process stopped by SIGINT or SIGTERM.
+    stopped_by = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
+    if trainer.is_global_zero:
+        folder = trainer.checkpoint_callback.dirpath
+        checkpoint = Path(folder, "last.ckpt") if folder else None  # build_trainer's `last`
+        if trainer.global_step and checkpoint and checkpoint.is_file():
+            print(
+                f"Training stopped by {stopped_by.name} in epoch {trainer.current_epoch} at step "
+                f"{trainer.global_step}; Lightning saved it in {checkpoint}."
+            )
+            print(f"Continue it with:\n  {_resume_command(argv, checkpoint)}")
+        else:
+            print(f"Training stopped by {stopped_by.name} before its first step: nothing to continue.")
+    return 128 + stopped_by
+
+
 def main(argv: list[str] | None = None) -> int:
     """Train, validate and test; print the test accuracy and the best checkpoint."""
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     pl.seed_everything(args.seed, workers=True)
     model = LitNeuralNet(
@@ -435,6 +517,11 @@ def main(argv: list[str] | None = None) -> int:
         results = trainer.test(model, ckpt_path=None if args.fast_dev_run else "best")
     except (DataError, MisconfigurationException) as error:  # a setting that does not fit the data, say
         return _fail(str(error))
+    except SystemExit:
+        # Lightning stops a run on Ctrl-C or SIGTERM with SystemExit, after saving last.ckpt.
+        if not trainer.interrupted:
+            raise
+        return _report_interruption(trainer, argv)
     if trainer.is_global_zero:
         print(f"Test accuracy: {100 * results[0]['test_acc']:.2f}%")
         print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path or '(none: fast_dev_run saves none)'}")
