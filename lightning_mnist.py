@@ -7,7 +7,7 @@ with the best checkpoint.
 
     python lightning_mnist.py                  # 2 epochs, about 97.5% test accuracy
     python lightning_mnist.py --fast-dev-run   # one batch through every step
-    tensorboard --logdir lightning_logs        # watch the curves
+    tensorboard --logdir lightning_logs        # the curves, the mistakes, the hyperparameters
 
 Where Lightning 2.x differs from the video, a comment says so at that place.
 """
@@ -23,11 +23,14 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import MNIST
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 INPUT_SIZE = 28 * 28  # MNIST images are 28x28 pixels, flattened
 NUM_CLASSES = 10  # the digits 0-9
@@ -36,6 +39,8 @@ MNIST_STD = 0.3081  # and their standard deviation
 VAL_FRACTION = 1 / 12  # 5,000 of the 60,000 training images are held out for validation
 SPLIT_SEED = 42  # fixed, so every run validates on the same 5,000 images
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+GRID_IMAGES = 32  # validation images shown in TensorBoard with the model's guess, the same ones every epoch
+GRID_COLUMNS = 8  # so 4 rows of 8
 
 # Keep the output to what a user can act on: Lightning 2.6 advertises its cloud logger
 # at every start, and its own code trips a deprecation warning of newer torch.
@@ -97,6 +102,27 @@ def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
     return MNISTTensors(mnist.data, mnist.targets)
 
 
+## Pictures for TensorBoard
+
+
+def predictions_grid(images: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Normalised images in a grid, each framed and labelled with the model's guess: green if right, red if wrong."""
+    pixels = (images.cpu() * MNIST_STD + MNIST_MEAN).clamp(0, 1)  # undo the normalisation, on the CPU to draw
+    pixels = F.interpolate(pixels, scale_factor=2)  # 56x56 pixels, room for a label in a corner
+    size, padding = pixels.shape[-1], 4
+    grid = make_grid(pixels, nrow=GRID_COLUMNS, padding=padding, pad_value=1)  # (3, height, width) in [0, 1]
+    frames, captions, colours = [], [], []
+    for index, (predicted, true) in enumerate(zip(predictions.tolist(), labels.tolist(), strict=True)):
+        row, column = divmod(index, GRID_COLUMNS)
+        left, top = padding + column * (size + padding), padding + row * (size + padding)
+        frames.append((left, top, left + size - 1, top + size - 1))
+        captions.append(str(predicted) if predicted == true else f"{predicted}, is {true}")
+        colours.append("green" if predicted == true else "red")
+    return draw_bounding_boxes(
+        grid, torch.tensor(frames), captions, colours, width=2, fill_labels=True, label_colors="white"
+    )
+
+
 ## Model: the LightningModule
 
 
@@ -125,6 +151,7 @@ class LitNeuralNet(pl.LightningModule):
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
         self.val_loss_mean = torchmetrics.MeanMetric()
+        self.val_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.l1(self.flatten(images))
@@ -146,11 +173,16 @@ class LitNeuralNet(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
-        labels = batch[1]
+        images, labels = batch
         self.val_acc(logits, labels)
         self.val_loss_mean.update(loss, weight=len(labels))
+        self.val_confusion.update(logits, labels)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
+        if batch_idx == 0:
+            # The validation loader never shuffles, so its first batch holds the same images every
+            # epoch, and TensorBoard's slider shows the guesses for them change as the model learns.
+            self.grid_batch = (images[:GRID_IMAGES], logits[:GRID_IMAGES].argmax(dim=1), labels[:GRID_IMAGES])
 
     def on_validation_epoch_end(self) -> None:
         # Lightning 2.x removed the video's `validation_epoch_end(outputs)`: instead of
@@ -159,6 +191,21 @@ class LitNeuralNet(pl.LightningModule):
         avg_val_loss = self.val_loss_mean.compute()
         self.val_loss_mean.reset()
         self.log("avg_val_loss", avg_val_loss)
+        confusion = self.val_confusion.compute()  # every process takes part, as it gathers the counts
+        self.val_confusion.reset()
+        # Pictures in TensorBoard's Images tab, whose slider steps through the epochs: drawn by one
+        # process, and not for the sanity check of a few batches that Lightning runs before training.
+        if (
+            isinstance(self.logger, TensorBoardLogger)
+            and self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+        ):
+            tensorboard = self.logger.experiment  # torch's SummaryWriter
+            tensorboard.add_image("val_predictions", predictions_grid(*self.grid_batch), self.current_epoch)
+            # matplotlib's Figure, not pyplot: nothing is shown, no GUI backend is loaded, nothing needs closing.
+            figure = Figure(figsize=(6, 6))
+            self.val_confusion.plot(confusion, ax=figure.add_subplot())
+            tensorboard.add_figure("val_confusion_matrix", figure, self.current_epoch)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)

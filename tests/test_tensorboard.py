@@ -1,0 +1,93 @@
+"""What a run shows in TensorBoard, read back from its event files."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+from lightning_mnist import GRID_COLUMNS, GRID_IMAGES, MNIST_MEAN, MNIST_STD, predictions_grid
+
+PREDICTIONS_SIZE = (484, 244)  # 8 x 4 images of 56 x 56 pixels, 4 pixels apart
+CONFUSION_SIZE = (600, 600)
+
+
+def read_events(run_folder: Path) -> EventAccumulator:
+    """Every scalar and image in a run's event files (EventAccumulator keeps only a sample by default)."""
+    events = EventAccumulator(str(run_folder), size_guidance={SCALARS: 0, IMAGES: 0})
+    events.Reload()
+    return events
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = np.frombuffer(png[16:24], dtype=">u4")
+    return int(width), int(height)
+
+
+## The grid of guesses, drawn in process
+
+
+def test_predictions_grid_frames_each_image_with_its_guess_green_if_right_red_if_wrong():
+    white, black = (1 - MNIST_MEAN) / MNIST_STD, -MNIST_MEAN / MNIST_STD  # pixel values as the loader gives them
+    images = torch.stack([torch.full((1, 28, 28), white if index % 2 else black) for index in range(GRID_IMAGES)])
+    labels = torch.arange(GRID_IMAGES) % 10
+    predictions = labels.clone()
+    wrong = [3, 17, 30]
+    predictions[wrong] = (labels[wrong] + 1) % 10
+    grid = predictions_grid(images, predictions, labels)
+    assert (grid.shape[2], grid.shape[1]) == PREDICTIONS_SIZE and grid.shape[0] == 3
+    green, red = torch.tensor([0, 128 / 255, 0]), torch.tensor([1.0, 0, 0])
+    for index in range(GRID_IMAGES):
+        row, column = divmod(index, GRID_COLUMNS)
+        left, top = 4 + 60 * column, 4 + 60 * row  # 56x56 cells, 4 pixels apart
+        # The image itself, un-normalised, clear of its label and its frame.
+        image = grid[:, top + 30 : top + 52, left + 4 : left + 52]
+        assert torch.allclose(image, torch.full_like(image, 1.0 if index % 2 else 0.0), atol=1 / 255), index
+        frame = grid[:, top + 40, left]  # the left edge, below the label
+        assert torch.allclose(frame, red if index in wrong else green, atol=1 / 255), index
+        # The label in the top left corner: white text on the frame's colour.
+        label = grid[:, top + 2 : top + 14, left + 2 : left + 14].flatten(1).T
+        background = (label - (red if index in wrong else green)).abs().amax(dim=1) < 1 / 255
+        text = label.amin(dim=1) > 0.5  # white, or nearly where it is smoothed into the background
+        assert background.sum() > 20 and text.sum() > 5, index
+
+
+## A short run on the tiny MNIST: its event files
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_mnist, tmp_path_factory):
+    """Three epochs on the tiny MNIST, as a user runs it; its output and its run folder."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    result = run_script("--data-dir", str(tiny_mnist), "--max-epochs", "3", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd, result
+
+
+def test_event_files_hold_the_scalars_with_plausible_values(tiny_run):
+    cwd, _ = tiny_run
+    events = read_events(cwd / "lightning_logs" / "version_0")
+    scalars = {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for tag in ("val_loss", "val_acc", "avg_val_loss"):
+        assert len(scalars[tag]) == 3, tag  # once per epoch
+    assert len(scalars["test_acc"]) == len(scalars["test_loss"]) == 1
+    for tag in ("val_loss", "avg_val_loss", "test_loss"):
+        assert all(math.isfinite(value) and value >= 0 for value in scalars[tag]), tag
+    for tag in ("val_acc", "test_acc"):
+        assert all(0 <= value <= 1 for value in scalars[tag]), tag
+    assert scalars["test_acc"][0] >= 0.9  # the tiny digits are easy to tell apart
+
+
+def test_event_files_hold_one_grid_and_one_confusion_matrix_per_epoch(tiny_run):
+    cwd, _ = tiny_run
+    events = read_events(cwd / "lightning_logs" / "version_0")
+    assert set(events.Tags()["images"]) == {"val_predictions", "val_confusion_matrix"}
+    for tag, size in (("val_predictions", PREDICTIONS_SIZE), ("val_confusion_matrix", CONFUSION_SIZE)):
+        images = events.Images(tag)
+        assert [image.step for image in images] == [0, 1, 2], tag  # the epochs; none for the sanity check
+        for image in images:
+            assert (image.width, image.height) == size == png_size(image.encoded_image_string), tag
