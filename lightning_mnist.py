@@ -213,6 +213,14 @@ class LitNeuralNet(pl.LightningModule):
         self.log("test_loss", loss, sync_dist=True)
         self.log("test_acc", self.test_acc)
 
+    def on_test_end(self) -> None:
+        # TensorBoard's HParams tab: one row per run, its hyperparameters beside the accuracy of the
+        # weights tested, on the validation images (the best epoch's, which chose them) and the test images.
+        best_val_acc = self.trainer.checkpoint_callback.best_model_score
+        if isinstance(self.logger, TensorBoardLogger) and best_val_acc is not None:
+            metrics = {"hp/val_acc": best_val_acc, "hp/test_acc": self.trainer.callback_metrics["test_acc"]}
+            self.logger.log_hyperparams(self.hparams, metrics, step=self.global_step)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate)
 
@@ -418,6 +426,9 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     # Lightning 2.6 rewrites save_last=True's last.ckpt only when val_acc improves, so a
     # second checkpoint holds the latest epoch, to resume from.
     last = ModelCheckpoint(filename="last", enable_version_counter=False)
+    # Lightning's default logger, except that the HParams tab gets the accuracies logged by
+    # on_test_end instead of a placeholder "hp_metric".
+    logger = TensorBoardLogger(save_dir=Path.cwd(), default_hp_metric=False)
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -432,6 +443,7 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
         callbacks=[best, last],
+        logger=logger,
     )
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import run_script
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from lightning_mnist import GRID_COLUMNS, GRID_IMAGES, MNIST_MEAN, MNIST_STD, predictions_grid
 
@@ -80,6 +81,7 @@ def test_event_files_hold_the_scalars_with_plausible_values(tiny_run):
     for tag in ("val_acc", "test_acc"):
         assert all(0 <= value <= 1 for value in scalars[tag]), tag
     assert scalars["test_acc"][0] >= 0.9  # the tiny digits are easy to tell apart
+    assert "hp_metric" not in scalars  # Lightning's placeholder for the HParams tab is off
 
 
 def test_event_files_hold_one_grid_and_one_confusion_matrix_per_epoch(tiny_run):
@@ -91,3 +93,19 @@ def test_event_files_hold_one_grid_and_one_confusion_matrix_per_epoch(tiny_run):
         assert [image.step for image in images] == [0, 1, 2], tag  # the epochs; none for the sanity check
         for image in images:
             assert (image.width, image.height) == size == png_size(image.encoded_image_string), tag
+
+
+def test_hparams_tab_shows_the_hyperparameters_and_the_accuracies_of_the_weights_tested(tiny_run):
+    cwd, _ = tiny_run
+    events = read_events(cwd / "lightning_logs" / "version_0")
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+    assert {info.name.tag for info in experiment.metric_infos} == {"hp/val_acc", "hp/test_acc"}
+    assert {info.name for info in experiment.hparam_infos} >= {"hidden_size", "learning_rate", "batch_size"}
+    session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    assert session.hparams["hidden_size"].number_value == 500
+    assert session.hparams["learning_rate"].number_value == pytest.approx(1e-3)
+    # The values the tab shows: the best epoch's validation accuracy (its weights were tested) and the test's.
+    val_acc = [event.value for event in events.Scalars("val_acc")]
+    assert [event.value for event in events.Scalars("hp/val_acc")] == [max(val_acc)]
+    assert [event.value for event in events.Scalars("hp/test_acc")] == [events.Scalars("test_acc")[0].value]
