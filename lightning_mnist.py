@@ -479,6 +479,14 @@ def main(argv: list[str] | None = None) -> int:
             suggestion = lr_finder.suggestion() if lr_finder else None
             if suggestion is not None and trainer.is_global_zero:
                 print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.")
+            if lr_finder and trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+                # The loss at each learning rate tried, the suggestion marked with a red dot.
+                figure = Figure()
+                lr_finder.plot(suggest=True, ax=figure.add_subplot())
+                run_folder = Path(trainer.logger.log_dir)
+                run_folder.mkdir(parents=True, exist_ok=True)
+                figure.savefig(run_folder / "lr_find.png")
+                trainer.logger.experiment.add_figure("lr_find", figure)
         trainer.fit(model, ckpt_path=args.ckpt_path)
         # Test once, with the weights that validated best (fast_dev_run saves no checkpoint).
         results = trainer.test(model, ckpt_path=None if args.fast_dev_run else "best")
