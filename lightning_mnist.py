@@ -14,6 +14,7 @@ Where Lightning 2.x differs from the video, a comment says so at that place.
 
 import argparse
 import logging
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -495,6 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_global_zero:
         print(f"Test accuracy: {100 * results[0]['test_acc']:.2f}%")
         print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path or '(none: fast_dev_run saves none)'}")
+        if isinstance(trainer.logger, TensorBoardLogger):  # fast_dev_run has none
+            print(f"Run folder: {trainer.logger.log_dir}")
+            print(f"Open it in TensorBoard: tensorboard --logdir {shlex.quote(trainer.logger.log_dir)}")
     return 0
 
 

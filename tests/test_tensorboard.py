@@ -1,6 +1,13 @@
-"""What a run shows in TensorBoard, read back from its event files."""
+"""What a run shows in TensorBoard, read back from its event files and from a real TensorBoard server."""
 
+import json
 import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +76,15 @@ def tiny_run(tiny_mnist, tmp_path_factory):
     return cwd, result
 
 
+def test_a_run_ends_with_its_folder_and_the_command_to_open_it(tiny_run):
+    cwd, result = tiny_run
+    lines = result.stdout.splitlines()
+    run_folder = (cwd / "lightning_logs" / "version_0").resolve()
+    assert lines[-2:] == [f"Run folder: {run_folder}", f"Open it in TensorBoard: tensorboard --logdir {run_folder}"]
+    assert lines[-4].startswith("Test accuracy: ")
+    assert list(run_folder.glob("events.out.tfevents.*"))
+
+
 def test_event_files_hold_the_scalars_with_plausible_values(tiny_run):
     cwd, _ = tiny_run
     events = read_events(cwd / "lightning_logs" / "version_0")
@@ -109,3 +125,79 @@ def test_hparams_tab_shows_the_hyperparameters_and_the_accuracies_of_the_weights
     val_acc = [event.value for event in events.Scalars("val_acc")]
     assert [event.value for event in events.Scalars("hp/val_acc")] == [max(val_acc)]
     assert [event.value for event in events.Scalars("hp/test_acc")] == [events.Scalars("test_acc")[0].value]
+
+
+## The same run, read back by the real TensorBoard
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url: str, post: dict | None = None):
+    """GET url, or POST it a JSON body, and return the JSON it answers."""
+    body = None if post is None else json.dumps(post).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, tmp_path):
+    cwd, _ = tiny_run
+    expected = read_events(cwd / "lightning_logs" / "version_0")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/data/plugin"
+    log = tmp_path / "tensorboard.log"
+    with log.open("w") as output:
+        # --load_fast=false: TensorBoard reads the files itself rather than in a second server process.
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(cwd / "lightning_logs"),
+             "--host", "127.0.0.1", "--port", str(port), "--load_fast=false"],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        # It answers once it has started, and lists the tags once it has read the files: wait for both.
+        deadline = time.monotonic() + 120
+        tags = {}
+        while "test_acc" not in tags.get("version_0", {}):
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, ("TensorBoard did not serve the run in time", log.read_text())
+            try:
+                tags = get_json(f"{base}/scalars/tags")
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.2)
+        assert set(tags["version_0"]) >= {"val_loss", "val_acc", "avg_val_loss", "test_loss", "test_acc"}
+        for tag in ("val_acc", "avg_val_loss", "test_acc"):
+            query = urllib.parse.urlencode({"run": "version_0", "tag": tag})
+            served = [(step, value) for _, step, value in get_json(f"{base}/scalars/scalars?{query}")]
+            assert served == [(event.step, pytest.approx(event.value)) for event in expected.Scalars(tag)], tag
+
+        assert set(get_json(f"{base}/images/tags")["version_0"]) == {"val_predictions", "val_confusion_matrix"}
+        query = urllib.parse.urlencode({"run": "version_0", "tag": "val_predictions"})
+        grids = get_json(f"{base}/images/images?{query}")
+        assert [grid["step"] for grid in grids] == [0, 1, 2]
+        with urllib.request.urlopen(f"{base}/images/individualImage?{grids[-1]['query']}", timeout=5) as response:
+            assert png_size(response.read()) == PREDICTIONS_SIZE
+
+        # What the HParams tab asks for: one row per run, with its hyperparameters and metrics.
+        metrics = [{"metric": {"tag": tag}} for tag in ("hp/val_acc", "hp/test_acc")]
+        query = {"experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": metrics,
+                 "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]}  # fmt: skip
+        (row,) = get_json(f"{base}/hparams/session_groups", post=query)["sessionGroups"]
+        assert row["name"] == "version_0"
+        assert row["hparams"]["hidden_size"] == 500 and row["hparams"]["learning_rate"] == pytest.approx(1e-3)
+        served = {value["name"]["tag"]: value["value"] for value in row["metricValues"]}
+        assert served == {
+            "hp/val_acc": pytest.approx(max(event.value for event in expected.Scalars("val_acc"))),
+            "hp/test_acc": pytest.approx(expected.Scalars("test_acc")[0].value),
+        }
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
