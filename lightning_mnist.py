@@ -443,6 +443,9 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
         # The 2.x names of the video's train_percent_check and val_percent_check.
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
+        # Lightning's default of every 50 steps starts the train_loss curve after the loss has
+        # fallen from 2.3 to 0.3; every 10 shows more of that fall, at no measurable cost.
+        log_every_n_steps=10,
         callbacks=[best, last],
         logger=logger,
     )

@@ -92,7 +92,8 @@ def test_event_files_hold_the_scalars_with_plausible_values(tiny_run):
     for tag in ("val_loss", "val_acc", "avg_val_loss"):
         assert len(scalars[tag]) == 3, tag  # once per epoch
     assert len(scalars["test_acc"]) == len(scalars["test_loss"]) == 1
-    for tag in ("val_loss", "avg_val_loss", "test_loss"):
+    assert [event.step for event in events.Scalars("train_loss")] == [9]  # every 10 of the 3 x 6 steps
+    for tag in ("train_loss", "val_loss", "avg_val_loss", "test_loss"):
         assert all(math.isfinite(value) and value >= 0 for value in scalars[tag]), tag
     for tag in ("val_acc", "test_acc"):
         assert all(0 <= value <= 1 for value in scalars[tag]), tag
@@ -201,3 +202,23 @@ def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, t
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+## Real data: the loss falls
+
+
+def test_losses_fall_over_a_few_hundred_steps_on_real_mnist(real_mnist, tmp_path):
+    result = run_script(
+        "--data-dir", str(real_mnist), "--max-epochs", "1", "--limit-train-batches", "300",
+        "--limit-val-batches", "10", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = read_events(tmp_path / "lightning_logs" / "version_0")
+    train_loss = [event.value for event in events.Scalars("train_loss")]
+    assert len(train_loss) == 300 // 10 and all(math.isfinite(value) for value in train_loss)
+    assert train_loss[0] < math.log(10)  # below chance already at step 10
+    first, last = np.mean(train_loss[:3]), np.mean(train_loss[-10:])
+    print(f"real MNIST, 300 steps: mean train_loss {first:.3f} over steps 10-30, {last:.3f} over steps 210-300")
+    assert last < 0.5 * first
+    assert 0.9 <= events.Scalars("val_acc")[-1].value <= 1
+    assert [image.step for image in events.Images("val_predictions")] == [0]
