@@ -8,7 +8,7 @@ with the best checkpoint.
     python lightning_mnist.py                  # 2 epochs, about 97.5% test accuracy
     python lightning_mnist.py --fast-dev-run   # one batch through every step
     python lightning_mnist.py --accelerator cpu --devices 2 --strategy ddp   # two processes
-    tensorboard --logdir lightning_logs        # watch the curves
+    tensorboard --logdir lightning_logs        # the curves, the mistakes, the hyperparameters
 
 Where Lightning 2.x differs from the video, a comment says so at that place.
 """
@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import torchmetrics
 from lightning_fabric.utilities.exceptions import MisconfigurationException
+from matplotlib.figure import Figure
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
@@ -35,6 +36,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import MNIST
+from torchvision.utils import draw_bounding_boxes, make_grid
 
 IMAGE_SIZE = 28  # MNIST images are 28x28 pixels
 INPUT_SIZE = IMAGE_SIZE * IMAGE_SIZE  # flattened
@@ -45,6 +47,8 @@ VAL_FRACTION = 1 / 12  # 5,000 of the 60,000 training images are held out for va
 SPLIT_SEED = 42  # fixed, so every run validates on the same 5,000 images
 LOG_EVERY_N_STEPS = 10  # train_loss to TensorBoard and the progress bar: 110 points in a default run
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+GRID_IMAGES = 32  # validation images shown in TensorBoard with the model's guess, the same ones every epoch
+GRID_COLUMNS = 8  # so 4 rows of 8
 
 # Keep the output to what a user can act on: Lightning 2.6 advertises its cloud logger
 # at every start, its own code trips a deprecation warning of newer torch, and after
@@ -119,6 +123,27 @@ def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
     return MNISTTensors(images, labels)
 
 
+## Pictures for TensorBoard
+
+
+def predictions_grid(images: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Normalised images in a grid, each framed and labelled with the model's guess: green if right, red if wrong."""
+    pixels = (images.cpu() * MNIST_STD + MNIST_MEAN).clamp(0, 1)  # undo the normalisation, on the CPU to draw
+    pixels = F.interpolate(pixels, scale_factor=2)  # 56x56 pixels, room for a label in a corner
+    size, padding = pixels.shape[-1], 4
+    grid = make_grid(pixels, nrow=GRID_COLUMNS, padding=padding, pad_value=1)  # (3, height, width) in [0, 1]
+    frames, captions, colours = [], [], []
+    for index, (predicted, true) in enumerate(zip(predictions.tolist(), labels.tolist(), strict=True)):
+        row, column = divmod(index, GRID_COLUMNS)
+        left, top = padding + column * (size + padding), padding + row * (size + padding)
+        frames.append((left, top, left + size - 1, top + size - 1))
+        captions.append(str(predicted) if predicted == true else f"{predicted}, is {true}")
+        colours.append("green" if predicted == true else "red")
+    return draw_bounding_boxes(
+        grid, torch.tensor(frames), captions, colours, width=2, fill_labels=True, label_colors="white"
+    )
+
+
 ## Model: the LightningModule
 
 
@@ -147,6 +172,7 @@ class LitNeuralNet(pl.LightningModule):
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
         self.val_loss_mean = torchmetrics.MeanMetric()
+        self.val_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.l1(self.flatten(images))
@@ -170,11 +196,16 @@ class LitNeuralNet(pl.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
-        labels = batch[1]
+        images, labels = batch
         self.val_acc.update(logits, labels)  # update() only: no per-batch accuracy is needed
         self.val_loss_mean.update(loss, weight=len(labels))
+        self.val_confusion.update(logits, labels)
         self.log("val_loss", loss, prog_bar=True, sync_dist=True)
         self.log("val_acc", self.val_acc, prog_bar=True)
+        if batch_idx == 0:
+            # The validation loader never shuffles, so its first batch holds the same images every
+            # epoch, and TensorBoard's slider shows the guesses for them change as the model learns.
+            self.grid_batch = (images[:GRID_IMAGES], logits[:GRID_IMAGES].argmax(dim=1), labels[:GRID_IMAGES])
 
     def on_validation_epoch_end(self) -> None:
         # Lightning 2.x removed the video's `validation_epoch_end(outputs)`: instead of
@@ -182,13 +213,36 @@ class LitNeuralNet(pl.LightningModule):
         # by batch size; compute() also gathers it across DDP processes.
         avg_val_loss = self.val_loss_mean.compute()
         self.val_loss_mean.reset()
-        self.log("avg_val_loss", avg_val_loss)
+        self.log("avg_val_loss", avg_val_loss, sync_dist=True)  # equal on every process: stays as it is
+        confusion = self.val_confusion.compute()  # every process takes part, as it gathers the counts
+        self.val_confusion.reset()
+        # Pictures in TensorBoard's Images tab, whose slider steps through the epochs: drawn by one
+        # process, and not for the sanity check of a few batches that Lightning runs before training.
+        if (
+            isinstance(self.logger, TensorBoardLogger)
+            and self.trainer.is_global_zero
+            and not self.trainer.sanity_checking
+        ):
+            tensorboard = self.logger.experiment  # torch's SummaryWriter
+            tensorboard.add_image("val_predictions", predictions_grid(*self.grid_batch), self.current_epoch)
+            # matplotlib's Figure, not pyplot: nothing is shown, no GUI backend is loaded, nothing needs closing.
+            figure = Figure(figsize=(6, 6))
+            self.val_confusion.plot(confusion, ax=figure.add_subplot())
+            tensorboard.add_figure("val_confusion_matrix", figure, self.current_epoch)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
         self.test_acc.update(logits, batch[1])
         self.log("test_loss", loss, sync_dist=True)
         self.log("test_acc", self.test_acc)
+
+    def on_test_end(self) -> None:
+        # TensorBoard's HParams tab: one row per run, its hyperparameters beside the accuracy of the
+        # weights tested, on the validation images (the best epoch's, which chose them) and the test images.
+        best_val_acc = self.trainer.checkpoint_callback.best_model_score
+        if isinstance(self.logger, TensorBoardLogger) and best_val_acc is not None:
+            metrics = {"hp/val_acc": best_val_acc, "hp/test_acc": self.trainer.callback_metrics["test_acc"]}
+            self.logger.log_hyperparams(self.hparams, metrics, step=self.global_step)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # The fused kernel updates all parameters at once: about a quarter faster per
@@ -431,6 +485,8 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     # second checkpoint holds the latest epoch, to resume from. When Ctrl-C or SIGTERM
     # stops training, Lightning saves it there and then, in the middle of the epoch.
     last = ModelCheckpoint(filename="last", enable_version_counter=False, save_on_exception=True)
+    # The HParams tab gets the accuracies logged by on_test_end instead of a placeholder "hp_metric".
+    logger = ExclusiveTensorBoardLogger(save_dir=Path.cwd(), default_hp_metric=False)
     return pl.Trainer(
         accelerator=accelerator,
         devices=devices,
@@ -444,10 +500,12 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
         # The 2.x names of the video's train_percent_check and val_percent_check.
         limit_train_batches=args.limit_train_batches,
         limit_val_batches=args.limit_val_batches,
+        # Lightning's default of every 50 steps starts the train_loss curve after the loss has
+        # fallen from 2.3 to 0.3; every 10 shows more of that fall.
         log_every_n_steps=LOG_EVERY_N_STEPS,
         # Redrawing the bar at every step of a fast net costs more than the step itself.
         callbacks=[best, last, TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)],
-        logger=ExclusiveTensorBoardLogger(save_dir=Path.cwd()),
+        logger=logger,
     )
 
 
@@ -512,9 +570,19 @@ def main(argv: list[str] | None = None) -> int:
             suggestion = lr_finder.suggestion() if lr_finder else None
             if suggestion is not None and trainer.is_global_zero:
                 print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.")
+            if lr_finder and trainer.is_global_zero and isinstance(trainer.logger, TensorBoardLogger):
+                # The loss at each learning rate tried, the suggestion marked with a red dot.
+                figure = Figure()
+                lr_finder.plot(suggest=True, ax=figure.add_subplot())
+                run_folder = Path(trainer.logger.log_dir)
+                run_folder.mkdir(parents=True, exist_ok=True)
+                figure.savefig(run_folder / "lr_find.png")
+                trainer.logger.experiment.add_figure("lr_find", figure)
         trainer.fit(model, ckpt_path=args.ckpt_path)
         # Test once, with the weights that validated best (fast_dev_run saves no checkpoint).
-        results = trainer.test(model, ckpt_path=None if args.fast_dev_run else "best")
+        # The path, rather than ckpt_path="best", says which of the two checkpoints is meant.
+        best_path = None if args.fast_dev_run else trainer.checkpoint_callback.best_model_path
+        results = trainer.test(model, ckpt_path=best_path)
     except (DataError, MisconfigurationException) as error:  # a setting that does not fit the data, say
         return _fail(str(error))
     except SystemExit:
@@ -525,6 +593,9 @@ def main(argv: list[str] | None = None) -> int:
     if trainer.is_global_zero:
         print(f"Test accuracy: {100 * results[0]['test_acc']:.2f}%")
         print(f"Best checkpoint: {trainer.checkpoint_callback.best_model_path or '(none: fast_dev_run saves none)'}")
+        if isinstance(trainer.logger, TensorBoardLogger):  # fast_dev_run has none
+            print(f"Run folder: {trainer.logger.log_dir}")
+            print(f"Open it in TensorBoard: tensorboard --logdir {shlex.quote(trainer.logger.log_dir)}")
     return 0
 
 

@@ -4,9 +4,12 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import MNIST_FILES, TINY_TEST, TINY_TRAIN, run_script
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import lightning_mnist
 from lightning_mnist import LitNeuralNet, main, parse_args
@@ -211,6 +214,14 @@ def test_lr_find_prints_and_applies_its_suggestion(tiny_mnist, tmp_path, monkeyp
     checkpoint = torch.load(best_checkpoint(out), weights_only=False)
     assert checkpoint["hyper_parameters"]["learning_rate"] == pytest.approx(suggested, rel=1e-2)
     assert checkpoint["hyper_parameters"]["learning_rate"] != 1e-3
+    # The finder's plot, its suggestion a red dot, in the run's folder and in TensorBoard.
+    run_folder = tmp_path / "lightning_logs" / "version_0"
+    plot = np.asarray(Image.open(run_folder / "lr_find.png").convert("RGB")).astype(int)
+    red = (plot[..., 0] > 200) & (plot[..., 1] < 50) & (plot[..., 2] < 50)
+    assert red.sum() > 20
+    events = EventAccumulator(str(run_folder))
+    events.Reload()
+    assert [image.step for image in events.Images("lr_find")] == [0]
 
 
 def test_ckpt_path_resumes_training_where_it_stopped(tiny_mnist, tmp_path, monkeypatch, capsys):

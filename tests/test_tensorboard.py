@@ -1,0 +1,224 @@
+"""What a run shows in TensorBoard, read back from its event files and from a real TensorBoard server."""
+
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_script
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
+
+from lightning_mnist import GRID_COLUMNS, GRID_IMAGES, MNIST_MEAN, MNIST_STD, predictions_grid
+
+PREDICTIONS_SIZE = (484, 244)  # 8 x 4 images of 56 x 56 pixels, 4 pixels apart
+CONFUSION_SIZE = (600, 600)
+
+
+def read_events(run_folder: Path) -> EventAccumulator:
+    """Every scalar and image in a run's event files (EventAccumulator keeps only a sample by default)."""
+    events = EventAccumulator(str(run_folder), size_guidance={SCALARS: 0, IMAGES: 0})
+    events.Reload()
+    return events
+
+
+def png_size(png: bytes) -> tuple[int, int]:
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    width, height = np.frombuffer(png[16:24], dtype=">u4")
+    return int(width), int(height)
+
+
+## The grid of guesses, drawn in process
+
+
+def test_predictions_grid_frames_each_image_with_its_guess_green_if_right_red_if_wrong():
+    white, black = (1 - MNIST_MEAN) / MNIST_STD, -MNIST_MEAN / MNIST_STD  # pixel values as the loader gives them
+    images = torch.stack([torch.full((1, 28, 28), white if index % 2 else black) for index in range(GRID_IMAGES)])
+    labels = torch.arange(GRID_IMAGES) % 10
+    predictions = labels.clone()
+    wrong = [3, 17, 30]
+    predictions[wrong] = (labels[wrong] + 1) % 10
+    grid = predictions_grid(images, predictions, labels)
+    assert (grid.shape[2], grid.shape[1]) == PREDICTIONS_SIZE and grid.shape[0] == 3
+    green, red = torch.tensor([0, 128 / 255, 0]), torch.tensor([1.0, 0, 0])
+    for index in range(GRID_IMAGES):
+        row, column = divmod(index, GRID_COLUMNS)
+        left, top = 4 + 60 * column, 4 + 60 * row  # 56x56 cells, 4 pixels apart
+        # The image itself, un-normalised, clear of its label and its frame.
+        image = grid[:, top + 30 : top + 52, left + 4 : left + 52]
+        assert torch.allclose(image, torch.full_like(image, 1.0 if index % 2 else 0.0), atol=1 / 255), index
+        frame = grid[:, top + 40, left]  # the left edge, below the label
+        assert torch.allclose(frame, red if index in wrong else green, atol=1 / 255), index
+        # The label in the top left corner: white text on the frame's colour.
+        label = grid[:, top + 2 : top + 14, left + 2 : left + 14].flatten(1).T
+        background = (label - (red if index in wrong else green)).abs().amax(dim=1) < 1 / 255
+        text = label.amin(dim=1) > 0.5  # white, or nearly where it is smoothed into the background
+        assert background.sum() > 20 and text.sum() > 5, index
+
+
+## A short run on the tiny MNIST: its event files
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_mnist, tmp_path_factory):
+    """Three epochs on the tiny MNIST, as a user runs it; its output and its run folder."""
+    cwd = tmp_path_factory.mktemp("tiny_run")
+    result = run_script("--data-dir", str(tiny_mnist), "--max-epochs", "3", cwd=cwd)
+    assert result.returncode == 0, result.stderr
+    return cwd, result
+
+
+def test_a_run_ends_with_its_folder_and_the_command_to_open_it(tiny_run):
+    cwd, result = tiny_run
+    lines = result.stdout.splitlines()
+    run_folder = (cwd / "lightning_logs" / "version_0").resolve()
+    assert lines[-2:] == [f"Run folder: {run_folder}", f"Open it in TensorBoard: tensorboard --logdir {run_folder}"]
+    assert lines[-4].startswith("Test accuracy: ")
+    assert list(run_folder.glob("events.out.tfevents.*"))
+
+
+def test_event_files_hold_the_scalars_with_plausible_values(tiny_run):
+    cwd, _ = tiny_run
+    events = read_events(cwd / "lightning_logs" / "version_0")
+    scalars = {tag: [event.value for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+    for tag in ("val_loss", "val_acc", "avg_val_loss"):
+        assert len(scalars[tag]) == 3, tag  # once per epoch
+    assert len(scalars["test_acc"]) == len(scalars["test_loss"]) == 1
+    assert [event.step for event in events.Scalars("train_loss")] == [9]  # every 10 of the 3 x 6 steps
+    for tag in ("train_loss", "val_loss", "avg_val_loss", "test_loss"):
+        assert all(math.isfinite(value) and value >= 0 for value in scalars[tag]), tag
+    for tag in ("val_acc", "test_acc"):
+        assert all(0 <= value <= 1 for value in scalars[tag]), tag
+    assert scalars["test_acc"][0] >= 0.9  # the tiny digits are easy to tell apart
+    assert "hp_metric" not in scalars  # Lightning's placeholder for the HParams tab is off
+
+
+def test_event_files_hold_one_grid_and_one_confusion_matrix_per_epoch(tiny_run):
+    cwd, _ = tiny_run
+    events = read_events(cwd / "lightning_logs" / "version_0")
+    assert set(events.Tags()["images"]) == {"val_predictions", "val_confusion_matrix"}
+    for tag, size in (("val_predictions", PREDICTIONS_SIZE), ("val_confusion_matrix", CONFUSION_SIZE)):
+        images = events.Images(tag)
+        assert [image.step for image in images] == [0, 1, 2], tag  # the epochs; none for the sanity check
+        for image in images:
+            assert (image.width, image.height) == size == png_size(image.encoded_image_string), tag
+
+
+def test_hparams_tab_shows_the_hyperparameters_and_the_accuracies_of_the_weights_tested(tiny_run):
+    cwd, _ = tiny_run
+    events = read_events(cwd / "lightning_logs" / "version_0")
+    content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
+    assert {info.name.tag for info in experiment.metric_infos} == {"hp/val_acc", "hp/test_acc"}
+    assert {info.name for info in experiment.hparam_infos} >= {"hidden_size", "learning_rate", "batch_size"}
+    session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    assert session.hparams["hidden_size"].number_value == 500
+    assert session.hparams["learning_rate"].number_value == pytest.approx(1e-3)
+    # The values the tab shows: the best epoch's validation accuracy (its weights were tested) and the test's.
+    val_acc = [event.value for event in events.Scalars("val_acc")]
+    assert [event.value for event in events.Scalars("hp/val_acc")] == [max(val_acc)]
+    assert [event.value for event in events.Scalars("hp/test_acc")] == [events.Scalars("test_acc")[0].value]
+
+
+## The same run, read back by the real TensorBoard
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def get_json(url: str, post: dict | None = None):
+    """GET url, or POST it a JSON body, and return the JSON it answers."""
+    body = None if post is None else json.dumps(post).encode()
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)
+
+
+def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, tmp_path):
+    cwd, _ = tiny_run
+    expected = read_events(cwd / "lightning_logs" / "version_0")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/data/plugin"
+    log = tmp_path / "tensorboard.log"
+    with log.open("w") as output:
+        # --load_fast=false: TensorBoard reads the files itself rather than in a second server process.
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tensorboard.main", "--logdir", str(cwd / "lightning_logs"),
+             "--host", "127.0.0.1", "--port", str(port), "--load_fast=false"],
+            stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    try:
+        # It answers once it has started, and lists the tags once it has read the files: wait for both.
+        deadline = time.monotonic() + 120
+        tags = {}
+        while "test_acc" not in tags.get("version_0", {}):
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, ("TensorBoard did not serve the run in time", log.read_text())
+            try:
+                tags = get_json(f"{base}/scalars/tags")
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.2)
+        assert set(tags["version_0"]) >= {"val_loss", "val_acc", "avg_val_loss", "test_loss", "test_acc"}
+        for tag in ("val_acc", "avg_val_loss", "test_acc"):
+            query = urllib.parse.urlencode({"run": "version_0", "tag": tag})
+            served = [(step, value) for _, step, value in get_json(f"{base}/scalars/scalars?{query}")]
+            assert served == [(event.step, pytest.approx(event.value)) for event in expected.Scalars(tag)], tag
+
+        assert set(get_json(f"{base}/images/tags")["version_0"]) == {"val_predictions", "val_confusion_matrix"}
+        query = urllib.parse.urlencode({"run": "version_0", "tag": "val_predictions"})
+        grids = get_json(f"{base}/images/images?{query}")
+        assert [grid["step"] for grid in grids] == [0, 1, 2]
+        with urllib.request.urlopen(f"{base}/images/individualImage?{grids[-1]['query']}", timeout=5) as response:
+            assert png_size(response.read()) == PREDICTIONS_SIZE
+
+        # What the HParams tab asks for: one row per run, with its hyperparameters and metrics.
+        metrics = [{"metric": {"tag": tag}} for tag in ("hp/val_acc", "hp/test_acc")]
+        query = {"experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": metrics,
+                 "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]}  # fmt: skip
+        (row,) = get_json(f"{base}/hparams/session_groups", post=query)["sessionGroups"]
+        assert row["name"] == "version_0"
+        assert row["hparams"]["hidden_size"] == 500 and row["hparams"]["learning_rate"] == pytest.approx(1e-3)
+        served = {value["name"]["tag"]: value["value"] for value in row["metricValues"]}
+        assert served == {
+            "hp/val_acc": pytest.approx(max(event.value for event in expected.Scalars("val_acc"))),
+            "hp/test_acc": pytest.approx(expected.Scalars("test_acc")[0].value),
+        }
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+## Real data: the loss falls
+
+
+def test_losses_fall_over_a_few_hundred_steps_on_real_mnist(real_mnist, tmp_path):
+    result = run_script(
+        "--data-dir", str(real_mnist), "--max-epochs", "1", "--limit-train-batches", "300",
+        "--limit-val-batches", "10", cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    events = read_events(tmp_path / "lightning_logs" / "version_0")
+    train_loss = [event.value for event in events.Scalars("train_loss")]
+    assert len(train_loss) == 300 // 10 and all(math.isfinite(value) for value in train_loss)
+    assert train_loss[0] < math.log(10)  # below chance already at step 10
+    first, last = np.mean(train_loss[:3]), np.mean(train_loss[-10:])
+    print(f"real MNIST, 300 steps: mean train_loss {first:.3f} over steps 10-30, {last:.3f} over steps 210-300")
+    assert last < 0.5 * first
+    assert 0.9 <= events.Scalars("val_acc")[-1].value <= 1
+    assert [image.step for image in events.Images("val_predictions")] == [0]
