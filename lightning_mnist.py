@@ -168,11 +168,14 @@ class LitNeuralNet(pl.LightningModule):
         self.l1 = nn.Linear(input_size, hidden_size)
         self.relu = nn.ReLU()
         self.l2 = nn.Linear(hidden_size, num_classes)
-        # torchmetrics accumulate over the epoch and sync across DDP processes.
+        # torchmetrics accumulate over the epoch, weighted by batch size, and sync across
+        # DDP processes; each is logged once an epoch, which costs far less than a self.log
+        # call at every step.
         self.val_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
         self.val_loss_mean = torchmetrics.MeanMetric()
         self.val_confusion = torchmetrics.classification.MulticlassConfusionMatrix(num_classes)
+        self.test_acc = torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+        self.test_loss_mean = torchmetrics.MeanMetric()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         out = self.l1(self.flatten(images))
@@ -190,18 +193,18 @@ class LitNeuralNet(pl.LightningModule):
         # The video returned {"loss": loss, "log": {...}}; Lightning 2.x takes the loss
         # and logs through self.log. A self.log call costs a good part of a step of this
         # small net, so it is made only on the steps that Lightning writes to TensorBoard.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+        # (none when log_every_n_steps is 0, as under Trainer(barebones=True)).
+        every = self.trainer.log_every_n_steps
+        if every and (self.global_step + 1) % every == 0:
             self.log("train_loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
         images, labels = batch
-        self.val_acc.update(logits, labels)  # update() only: no per-batch accuracy is needed
+        self.val_acc.update(logits, labels)
         self.val_loss_mean.update(loss, weight=len(labels))
         self.val_confusion.update(logits, labels)
-        self.log("val_loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val_acc", self.val_acc, prog_bar=True)
         if batch_idx == 0:
             # The validation loader never shuffles, so its first batch holds the same images every
             # epoch, and TensorBoard's slider shows the guesses for them change as the model learns.
@@ -212,10 +215,14 @@ class LitNeuralNet(pl.LightningModule):
         # stacking every step's output, a metric accumulates as the steps run, weighted
         # by batch size; compute() also gathers it across DDP processes.
         avg_val_loss = self.val_loss_mean.compute()
-        self.val_loss_mean.reset()
-        self.log("avg_val_loss", avg_val_loss, sync_dist=True)  # equal on every process: stays as it is
+        # val_loss is the same number under the name Lightning's examples use. compute() made
+        # each value equal on every process, so sync_dist=True leaves it as it is.
+        metrics = {"val_loss": avg_val_loss, "val_acc": self.val_acc.compute()}
+        self.log_dict(metrics, prog_bar=True, sync_dist=True)
+        self.log("avg_val_loss", avg_val_loss, sync_dist=True)
         confusion = self.val_confusion.compute()  # every process takes part, as it gathers the counts
-        self.val_confusion.reset()
+        for metric in (self.val_loss_mean, self.val_acc, self.val_confusion):
+            metric.reset()
         # Pictures in TensorBoard's Images tab, whose slider steps through the epochs: drawn by one
         # process, and not for the sanity check of a few batches that Lightning runs before training.
         if (
@@ -233,8 +240,13 @@ class LitNeuralNet(pl.LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
         self.test_acc.update(logits, batch[1])
-        self.log("test_loss", loss, sync_dist=True)
-        self.log("test_acc", self.test_acc)
+        self.test_loss_mean.update(loss, weight=len(batch[1]))
+
+    def on_test_epoch_end(self) -> None:
+        metrics = {"test_loss": self.test_loss_mean.compute(), "test_acc": self.test_acc.compute()}
+        self.log_dict(metrics, sync_dist=True)
+        for metric in (self.test_loss_mean, self.test_acc):
+            metric.reset()
 
     def on_test_end(self) -> None:
         # TensorBoard's HParams tab: one row per run, its hyperparameters beside the accuracy of the
