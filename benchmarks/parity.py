@@ -5,7 +5,7 @@ every variant alike; each prints per-variant medians and the median of the per-r
 ratios to the hand-written loop.
 
     python benchmarks/parity.py epoch --data-dir DIR [--device cpu|cuda] [--rounds 7]
-    python benchmarks/parity.py process --data-dir DIR [--rounds 5]
+    python benchmarks/parity.py process --data-dir DIR [--device cpu|cuda] [--rounds 7]
 
 epoch: one epoch (training, then validation) of
     a. raw       a hand-written loop: same model, optimizer and batches; the floor
@@ -15,14 +15,13 @@ epoch: one epoch (training, then validation) of
     c. video     the video's pipeline: torchvision's MNIST with transforms.ToTensor()
                  through a DataLoader with num_workers=4, same model and loop as a
 process: whole processes, start to exit: `python lightning_mnist.py` with its
-    defaults against `python benchmarks/parity.py plain`, the same job (2 epochs,
+    defaults against `python benchmarks/plain_mnist.py`, the same job (2 epochs,
     validation each epoch, test with the best weights) written as a plain script.
 
 On CUDA the raw loop keeps the whole dataset on the GPU: no per-batch host copies.
 """
 
 import argparse
-import copy
 import logging
 import os
 import statistics
@@ -34,83 +33,25 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
+from plain_mnist import batches, evaluate, load_splits, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lightning_mnist
-from lightning_mnist import MNIST_MEAN, MNIST_STD, LitNeuralNet
-
-BATCH_SIZE = 100
-
-
-## The plain PyTorch version of the job
-
-
-def split_tensors(data_dir: str, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """The same train/validation/test tensors that LitNeuralNet.setup makes, on `device`."""
-    model = LitNeuralNet(data_dir=data_dir)
-    model.setup("fit")
-    model.setup("test")
-    splits = {"train": model.mnist_train, "val": model.mnist_val, "test": model.mnist_test}
-    return {name: (split.images.to(device), split.labels.to(device)) for name, split in splits.items()}
-
-
-def batches(images: torch.Tensor, labels: torch.Tensor, shuffle: bool):
-    """Normalised batches, each built with one gather, as MNISTTensors builds them."""
-    order = torch.randperm(len(labels), device=labels.device) if shuffle else torch.arange(len(labels))
-    for index in order.split(BATCH_SIZE):
-        x = images[index].unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
-        yield x, labels[index]
-
-
-def train_epoch(model, optimizer, loader) -> None:
-    model.train()
-    for images, labels in loader:
-        loss = F.cross_entropy(model(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-
-@torch.no_grad()
-def evaluate(model, loader) -> tuple[float, float]:
-    """Mean loss and accuracy over a loader, weighted by batch size."""
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in loader:
-        logits = model(images)
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-    return loss_sum / count, correct / count
-
-
-def plain(args: argparse.Namespace) -> None:
-    """The default run of lightning_mnist.py, by hand: what `process` compares against."""
-    torch.manual_seed(42)
-    device = torch.device(args.device)
-    data = split_tensors(args.data_dir, device)
-    model = LitNeuralNet().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as configure_optimizers makes it
-    best_acc, best_state = -1.0, None
-    for epoch in range(2):
-        train_epoch(model, optimizer, batches(*data["train"], shuffle=True))
-        val_loss, val_acc = evaluate(model, batches(*data["val"], shuffle=False))
-        print(f"epoch {epoch}: val_loss {val_loss:.4f}, val_acc {val_acc:.4f}")
-        if val_acc > best_acc:
-            best_acc, best_state = val_acc, copy.deepcopy(model.state_dict())
-    model.load_state_dict(best_state)
-    _, test_acc = evaluate(model, batches(*data["test"], shuffle=False))
-    print(f"Test accuracy: {100 * test_acc:.2f}%")
-
+from lightning_mnist import LitNeuralNet
 
 ## Per-epoch variants
 
 
-def time_raw(data, device) -> float:
-    model = LitNeuralNet().to(device)
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_raw(data: dict, device: torch.device) -> float:
+    """a: the hand-written loop over tensors already on the device."""
+    model = LitNeuralNet().to(device)  # the same module, used as a plain nn.Module
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as configure_optimizers makes it
     synchronize(device)
     start = time.perf_counter()
@@ -121,7 +62,7 @@ def time_raw(data, device) -> float:
 
 
 class EpochTimer(pl.Callback):
-    """Times the first training epoch, its validation included."""
+    """Times the first training epoch, its validation and checkpointing included."""
 
     seconds = None
 
@@ -134,20 +75,19 @@ class EpochTimer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
-def time_lightning(data_dir: str, device: str) -> float:
-    """One epoch under exactly the Trainer that the command line builds."""
-    accelerator = "gpu" if device == "cuda" else "cpu"
+def time_lightning(data_dir: str, device: torch.device) -> float:
+    """b: one epoch under exactly the Trainer that the command line builds."""
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
     args = lightning_mnist.parse_args(["--data-dir", data_dir, "--max-epochs", "1", "--accelerator", accelerator])
     trainer = lightning_mnist.build_trainer(args)
     timer = EpochTimer()
     trainer.callbacks.append(timer)
-    model = LitNeuralNet(data_dir=data_dir)
-    trainer.fit(model)
+    trainer.fit(LitNeuralNet(data_dir=data_dir))
     return timer.seconds
 
 
 def time_video(data_dir: str, device: torch.device) -> float:
-    """The video's data pipeline: a PIL image per sample, ToTensor, 4 worker processes."""
+    """c: the video's data pipeline (a PIL image per sample, ToTensor, 4 workers), loop a."""
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
@@ -155,10 +95,10 @@ def time_video(data_dir: str, device: torch.device) -> float:
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(lightning_mnist.SPLIT_SEED))
     val_size = round(len(full) * lightning_mnist.VAL_FRACTION)
     train_set, val_set = Subset(full, order[val_size:].tolist()), Subset(full, order[:val_size].tolist())
-    train_loader = DataLoader(train_set, batch_size=BATCH_SIZE, shuffle=True, num_workers=4)
-    val_loader = DataLoader(val_set, batch_size=BATCH_SIZE, shuffle=False, num_workers=4)
+    train_loader = DataLoader(train_set, batch_size=100, shuffle=True, num_workers=4)
+    val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=4)
     model = LitNeuralNet().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)  # as configure_optimizers makes it
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
 
     def on_device(loader):
         for images, labels in loader:
@@ -170,11 +110,6 @@ def time_video(data_dir: str, device: torch.device) -> float:
     evaluate(model, on_device(val_loader))
     synchronize(device)
     return time.perf_counter() - start
-
-
-def synchronize(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 ## Reporting
@@ -193,13 +128,13 @@ def report(times: dict[str, list[float]], baseline: str, unit: str) -> None:
 def epoch_mode(args: argparse.Namespace) -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no banners between rounds
     device = torch.device(args.device)
-    data = split_tensors(args.data_dir, device)
+    data = load_splits(args.data_dir, device)
     times = {"raw": [], "lightning": [], "video": []}
     with tempfile.TemporaryDirectory() as workdir:
         os.chdir(workdir)  # lightning_logs of the rounds go to a temp folder
         for round_ in range(args.rounds):
             times["raw"].append(time_raw(data, device))
-            times["lightning"].append(time_lightning(args.data_dir, args.device))
+            times["lightning"].append(time_lightning(args.data_dir, device))
             times["video"].append(time_video(args.data_dir, device))
             print(
                 f"round {round_ + 1}/{args.rounds}: "
@@ -216,9 +151,12 @@ def epoch_mode(args: argparse.Namespace) -> None:
 def process_mode(args: argparse.Namespace) -> None:
     data_dir = str(Path(args.data_dir).resolve())
     commands = {
-        "plain": [sys.executable, str(Path(__file__).resolve()), "plain", "--data-dir", data_dir],
+        "plain": [sys.executable, str(ROOT / "benchmarks" / "plain_mnist.py"), "--data-dir", data_dir],
         "lightning": [sys.executable, str(ROOT / "lightning_mnist.py"), "--data-dir", data_dir],
     }
+    if args.device == "cuda":
+        commands["plain"] += ["--device", "cuda"]
+        commands["lightning"] += ["--accelerator", "gpu"]
     times = {name: [] for name in commands}
     with tempfile.TemporaryDirectory() as workdir:
         for round_ in range(args.rounds):
@@ -235,12 +173,12 @@ def process_mode(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", choices=("epoch", "process", "plain"))
+    parser.add_argument("mode", choices=("epoch", "process"))
     parser.add_argument("--data-dir", default="./data", help="folder holding MNIST/raw/")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
-    {"epoch": epoch_mode, "process": process_mode, "plain": plain}[args.mode](args)
+    {"epoch": epoch_mode, "process": process_mode}[args.mode](args)
 
 
 if __name__ == "__main__":
