@@ -192,8 +192,8 @@ class LitNeuralNet(pl.LightningModule):
         loss, _ = self._shared_step(batch)
         # The video returned {"loss": loss, "log": {...}}; Lightning 2.x takes the loss
         # and logs through self.log. A self.log call costs a good part of a step of this
-        # small net, so it is made only on the steps that Lightning writes to TensorBoard.
-        # (none when log_every_n_steps is 0, as under Trainer(barebones=True)).
+        # small net, so it is made only on the steps that Lightning writes to TensorBoard,
+        # every log_every_n_steps (never when that is 0, as under Trainer(barebones=True)).
         every = self.trainer.log_every_n_steps
         if every and (self.global_step + 1) % every == 0:
             self.log("train_loss", loss, prog_bar=True)
@@ -239,8 +239,9 @@ class LitNeuralNet(pl.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits = self._shared_step(batch)
-        self.test_acc.update(logits, batch[1])
-        self.test_loss_mean.update(loss, weight=len(batch[1]))
+        labels = batch[1]
+        self.test_acc.update(logits, labels)
+        self.test_loss_mean.update(loss, weight=len(labels))
 
     def on_test_epoch_end(self) -> None:
         metrics = {"test_loss": self.test_loss_mean.compute(), "test_acc": self.test_acc.compute()}
