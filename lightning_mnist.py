@@ -57,6 +57,9 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: not any(text in record.getMessage() for text in ("litlogger", "was raised with message"))
 )
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+# On machines with more than 2 cores Lightning suggests DataLoader workers. They would only
+# slow this script down (see _dataloader below); for data that needs decoding, the tip is right.
+warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
 
 
 class DataError(Exception):

@@ -2,12 +2,14 @@
 
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MNIST_FILES, TINY_TEST, TINY_TRAIN, run_script
+from conftest import MNIST_FILES, SCRIPT, TINY_TEST, TINY_TRAIN, run_script
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -155,6 +157,21 @@ def test_load_from_checkpoint_needs_no_other_argument_and_gives_the_logged_accur
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.test(model, verbose=False)
     assert 100 * metrics["test_acc"] == pytest.approx(test_accuracy(result.stdout), abs=0.006)
+
+
+def test_no_tip_to_add_workers_on_a_machine_with_many_cores(tiny_mnist, tmp_path):
+    # Lightning suggests workers when the machine has more than 2 cores: pretend it has 16.
+    run = (
+        "import runpy, sys, lightning_fabric.utilities.data as data\n"
+        "data._num_cpus_available = lambda: 16\n"
+        "print('suggested workers:', data.suggested_max_num_workers(1))\n"
+        f"sys.argv = [{str(SCRIPT)!r}, '--data-dir', {str(tiny_mnist)!r}, '--fast-dev-run']\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", run], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "suggested workers: 15" in result.stdout
+    assert "workers" not in result.stderr
 
 
 def test_help_lists_every_flag_with_its_default(tmp_path):
