@@ -80,7 +80,8 @@ class MNISTTensors(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.__getitems__([index])
+        images, labels = self.__getitems__([index])
+        return images[0], labels[0]
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         # The DataLoader hands over the whole batch of indices at once, so a batch is
@@ -185,14 +186,14 @@ class LitNeuralNet(pl.LightningModule):
         out = self.relu(out)
         return self.l2(out)  # raw logits: cross_entropy applies the softmax
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_and_logits(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Loss and logits of one batch, the same for training, validation and test."""
         images, labels = batch
         logits = self(images)
         return F.cross_entropy(logits, labels), logits
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, _ = self._shared_step(batch)
+        loss, _ = self._loss_and_logits(batch)
         # The video returned {"loss": loss, "log": {...}}; Lightning 2.x takes the loss
         # and logs through self.log. A self.log call costs a good part of a step of this
         # small net, so it is made only on the steps that Lightning writes to TensorBoard,
@@ -203,7 +204,7 @@ class LitNeuralNet(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss, logits = self._shared_step(batch)
+        loss, logits = self._loss_and_logits(batch)
         images, labels = batch
         self.val_acc.update(logits, labels)
         self.val_loss_mean.update(loss, weight=len(labels))
@@ -241,7 +242,7 @@ class LitNeuralNet(pl.LightningModule):
             tensorboard.add_figure("val_confusion_matrix", figure, self.current_epoch)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss, logits = self._shared_step(batch)
+        loss, logits = self._loss_and_logits(batch)
         labels = batch[1]
         self.test_acc.update(logits, labels)
         self.test_loss_mean.update(loss, weight=len(labels))

@@ -90,6 +90,8 @@ def test_a_batch_is_normalised_images_and_labels_built_in_one_gather(tiny_mnist)
         expected = (dataset.images[i].float() / 255 - 0.1307) / 0.3081
         assert torch.allclose(batch_images[row, 0], expected)
         assert batch_labels[row] == dataset.labels[i]
+    image, label = dataset[3]  # one sample, as torchvision's datasets give it
+    assert image.shape == (1, 28, 28) and torch.equal(image, batch_images[0]) and label == dataset.labels[3]
 
 
 def test_training_shuffles_and_validation_and_test_do_not(tiny_mnist):
