@@ -591,9 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                 # The loss at each learning rate tried, the suggestion marked with a red dot.
                 figure = Figure()
                 lr_finder.plot(suggest=True, ax=figure.add_subplot())
-                run_folder = Path(trainer.logger.log_dir)
-                run_folder.mkdir(parents=True, exist_ok=True)
-                figure.savefig(run_folder / "lr_find.png")
+                figure.savefig(Path(trainer.logger.log_dir, "lr_find.png"))  # the logger made the folder
                 trainer.logger.experiment.add_figure("lr_find", figure)
         trainer.fit(model, ckpt_path=args.ckpt_path)
         # Test once, with the weights that validated best (fast_dev_run saves no checkpoint).

@@ -128,14 +128,15 @@ def report(times: dict[str, list[float]], baseline: str, unit: str) -> None:
 def epoch_mode(args: argparse.Namespace) -> None:
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no banners between rounds
     device = torch.device(args.device)
-    data = load_splits(args.data_dir, device)
+    data_dir = str(Path(args.data_dir).resolve())  # the rounds run in a temp folder
+    data = load_splits(data_dir, device)
     times = {"raw": [], "lightning": [], "video": []}
     with tempfile.TemporaryDirectory() as workdir:
         os.chdir(workdir)  # lightning_logs of the rounds go to a temp folder
         for round_ in range(args.rounds):
             times["raw"].append(time_raw(data, device))
-            times["lightning"].append(time_lightning(args.data_dir, device))
-            times["video"].append(time_video(args.data_dir, device))
+            times["lightning"].append(time_lightning(data_dir, device))
+            times["video"].append(time_video(data_dir, device))
             print(
                 f"round {round_ + 1}/{args.rounds}: "
                 + ", ".join(f"{name} {values[-1]:.3f} s" for name, values in times.items()),

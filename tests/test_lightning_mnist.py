@@ -9,25 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import MNIST_FILES, SCRIPT, TINY_TEST, TINY_TRAIN, run_script
+from conftest import MNIST_FILES, SCRIPT, TINY_TEST, run_script
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import lightning_mnist
 from lightning_mnist import LitNeuralNet, main, parse_args
 
 ACCURACY_LINE = re.compile(r"^Test accuracy: (\d+\.\d\d)%$", re.MULTILINE)
 BEST_LINE = re.compile(r"^Best checkpoint: (.+\.ckpt)$", re.MULTILINE)
 
 
-def test_accuracy(output: str) -> float:
+def reported_accuracy(output: str) -> float:
     """The percentage on the script's `Test accuracy` line; there must be exactly one."""
     found = ACCURACY_LINE.findall(output)
     assert len(found) == 1, output
     return float(found[0])
-
-
-test_accuracy.__test__ = False  # a helper, not a test
 
 
 def best_checkpoint(output: str) -> Path:
@@ -112,7 +108,7 @@ def test_fast_dev_run_in_process(tiny_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--data-dir", str(tiny_mnist), "--fast-dev-run"]) == 0
     out = capsys.readouterr().out
-    assert 0 <= test_accuracy(out) <= 100
+    assert 0 <= reported_accuracy(out) <= 100
     assert not (tmp_path / "lightning_logs").exists()  # fast_dev_run logs and saves nothing
 
 
@@ -128,7 +124,7 @@ def test_command_line_trains_tests_and_reports(default_run):
     cwd, result = default_run
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr
-    assert test_accuracy(result.stdout) >= 90.0  # the tiny digits are easy to tell apart
+    assert reported_accuracy(result.stdout) >= 90.0  # the tiny digits are easy to tell apart
     version = cwd / "lightning_logs" / "version_0"
     assert list(version.glob("events.out.tfevents.*"))
     assert (version / "hparams.yaml").is_file()
@@ -158,7 +154,7 @@ def test_load_from_checkpoint_needs_no_other_argument_and_gives_the_logged_accur
 
     trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
     (metrics,) = trainer.test(model, verbose=False)
-    assert 100 * metrics["test_acc"] == pytest.approx(test_accuracy(result.stdout), abs=0.006)
+    assert 100 * metrics["test_acc"] == pytest.approx(reported_accuracy(result.stdout), abs=0.006)
 
 
 def test_no_tip_to_add_workers_on_a_machine_with_many_cores(tiny_mnist, tmp_path):
@@ -219,7 +215,7 @@ def test_precision_16_is_the_videos_name_for_16_mixed(tiny_mnist, tmp_path, monk
     assert parse_args(["--precision", "16"]).precision == "16-mixed"
     monkeypatch.chdir(tmp_path)
     out = run_in_process(capsys, "--data-dir", str(tiny_mnist), "--fast-dev-run", "2", "--precision", "16")
-    assert 0 <= test_accuracy(out) <= 100
+    assert 0 <= reported_accuracy(out) <= 100
 
 
 def test_lr_find_prints_and_applies_its_suggestion(tiny_mnist, tmp_path, monkeypatch, capsys):
@@ -253,7 +249,7 @@ def test_ckpt_path_resumes_training_where_it_stopped(tiny_mnist, tmp_path, monke
     resumed = torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
     assert resumed["global_step"] == 3 * steps_per_epoch and resumed["epoch"] == 2
     assert first.is_file()  # the first run's checkpoint is untouched
-    assert 0 <= test_accuracy(out) <= 100
+    assert 0 <= reported_accuracy(out) <= 100
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -261,7 +257,7 @@ def test_gpus_1_trains_on_the_gpu(tiny_mnist, tmp_path):
     result = run_script("--data-dir", str(tiny_mnist), "--gpus", "1", "--max-epochs", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "GPU available: True (cuda), used: True" in result.stdout + result.stderr
-    assert test_accuracy(result.stdout) >= 50.0
+    assert reported_accuracy(result.stdout) >= 50.0
 
 
 ## Bad input: a message on stderr, a non-zero exit, no traceback, nothing lost
@@ -339,12 +335,8 @@ def test_gpus_with_accelerator_is_refused(tmp_path):
 def test_default_run_on_real_mnist_reaches_97_percent(real_mnist, tmp_path):
     result = run_script("--data-dir", str(real_mnist), cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr
-    accuracy = test_accuracy(result.stdout)
+    accuracy = reported_accuracy(result.stdout)
     print(f"real MNIST, default run: {accuracy:.2f}% test accuracy")
     assert accuracy >= 97.0
     # What a user sees is clean: no Python warning (printed as "file.py:LINE: message").
     assert not re.search(r"\.py:\d+: ", result.stdout + result.stderr), result.stderr
-
-
-def test_tiny_mnist_sizes_match_the_split():
-    assert TINY_TRAIN - round(TINY_TRAIN * lightning_mnist.VAL_FRACTION) == 550

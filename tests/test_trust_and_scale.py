@@ -27,7 +27,7 @@ from conftest import (
     write_idx_labels,
     write_mnist,
 )
-from test_lightning_mnist import best_checkpoint, test_accuracy
+from test_lightning_mnist import best_checkpoint, reported_accuracy
 
 from lightning_mnist import ExclusiveTensorBoardLogger, LitNeuralNet, main
 
@@ -104,7 +104,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(
 
     resumed = run_script(*command[2:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
-    assert test_accuracy(resumed.stdout) >= 90.0
+    assert reported_accuracy(resumed.stdout) >= 90.0
     final = torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
     assert final["epoch"] == 1 and final["global_step"] == 2 * STEPS_PER_EPOCH
     # Adam counts its steps: it went on from the saved state instead of starting again.
@@ -170,7 +170,7 @@ def test_same_seed_gives_bit_identical_weights_and_accuracy_and_another_seed_doe
     for key in ("l1.weight", "l1.bias", "l2.weight", "l2.bias"):
         assert torch.equal(weights["first"][key], weights["again"][key]), key
         assert not torch.equal(weights["first"][key], weights["other"][key]), key
-    assert test_accuracy(outputs["first"]) == test_accuracy(outputs["again"])
+    assert reported_accuracy(outputs["first"]) == reported_accuracy(outputs["again"])
 
 
 ## DDP: several processes on one machine, and several machines
@@ -205,7 +205,7 @@ def test_ddp_on_two_processes_shards_the_data_syncs_the_metrics_and_reports_once
     result = run_script("--data-dir", str(odd_mnist), "--devices", "2", *DDP_RUN, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr
-    accuracy = test_accuracy(result.stdout)  # printed once, by global rank 0
+    accuracy = reported_accuracy(result.stdout)  # printed once, by global rank 0
     assert accuracy < 90.0
     best = best_checkpoint(result.stdout)
     # Each process trained on its own half of the 550 images: 3 batches of 100, not 6.
@@ -252,7 +252,7 @@ def test_two_machines_started_by_torchrun_train_together_and_report_once(odd_mni
     first, second = ((tmp_path / f"machine{rank}" / "output.txt").read_text() for rank in (0, 1))
     assert [node.returncode for node in nodes] == [0, 0], first + second
     assert "MEMBER: 2/2" in second
-    accuracy = test_accuracy(first)
+    accuracy = reported_accuracy(first)
     assert "Test accuracy" not in second
     best = best_checkpoint(first)
     assert torch.load(best, weights_only=False)["global_step"] == 3  # each machine trained on half the data
