@@ -5,12 +5,14 @@ through the same code path as a real run; only the pictures are made up.
 """
 
 import os
+import re
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,3 +90,38 @@ def run_script(*args: str, cwd: Path, env: dict | None = None, timeout: float = 
         timeout=timeout,
         stdin=subprocess.DEVNULL,
     )
+
+
+ACCURACY_LINE = re.compile(r"^Test accuracy: (\d+\.\d\d)%$", re.MULTILINE)
+BEST_LINE = re.compile(r"^Best checkpoint: (.+\.ckpt)$", re.MULTILINE)
+
+
+def reported_accuracy(output: str) -> float:
+    """The percentage on the script's `Test accuracy` line; there must be exactly one."""
+    found = ACCURACY_LINE.findall(output)
+    assert len(found) == 1, output
+    return float(found[0])
+
+
+def best_checkpoint(output: str) -> Path:
+    """The path on the script's `Best checkpoint` line; there must be exactly one."""
+    found = BEST_LINE.findall(output)
+    assert len(found) == 1, output
+    return Path(found[0])
+
+
+def trainers_with(monkeypatch, *callbacks: pl.Callback) -> list[pl.Trainer]:
+    """Make main() add these callbacks to its Trainer; the list it returns receives that Trainer."""
+    import lightning_mnist
+
+    trainers = []
+    build_trainer = lightning_mnist.build_trainer
+
+    def build_with_callbacks(args):
+        trainer = build_trainer(args)
+        trainer.callbacks.extend(callbacks)
+        trainers.append(trainer)
+        return trainer
+
+    monkeypatch.setattr(lightning_mnist, "build_trainer", build_with_callbacks)
+    return trainers

@@ -5,8 +5,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
-from test_lightning_mnist import reported_accuracy
+from conftest import ROOT, reported_accuracy
 
 
 def run_benchmark(script: str, *args: str, cwd) -> subprocess.CompletedProcess:

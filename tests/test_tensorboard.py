@@ -17,10 +17,23 @@ from conftest import run_script
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
-from lightning_mnist import GRID_COLUMNS, GRID_IMAGES, MNIST_MEAN, MNIST_STD, predictions_grid
+from lightning_mnist import (
+    BLUE,
+    CELL,
+    EMPTY,
+    GRID_COLUMNS,
+    GRID_IMAGES,
+    MNIST_MEAN,
+    MNIST_STD,
+    RED,
+    LitNeuralNet,
+    confusion_picture,
+    parse_args,
+    predictions_grid,
+)
 
 PREDICTIONS_SIZE = (484, 244)  # 8 x 4 images of 56 x 56 pixels, 4 pixels apart
-CONFUSION_SIZE = (600, 600)
+CONFUSION_SIZE = (11 * CELL, 11 * CELL + CELL // 2)  # 10 x 10 cells, the digits and a caption
 
 
 def read_events(run_folder: Path) -> EventAccumulator:
@@ -64,15 +77,42 @@ def test_predictions_grid_frames_each_image_with_its_guess_green_if_right_red_if
         assert background.sum() > 20 and text.sum() > 5, index
 
 
+def test_confusion_picture_tints_each_cell_by_its_share_of_the_true_digit_and_writes_its_count():
+    counts = torch.zeros(10, 10, dtype=torch.int64)
+    counts[3, 3], counts[3, 5] = 75, 25  # three quarters of the 3s right, a quarter taken for 5s
+    counts[7, 7] = 100
+    picture = confusion_picture(counts)
+    assert (picture.shape[2], picture.shape[1]) == CONFUSION_SIZE and picture.dtype == torch.uint8
+
+    def cell(true: int, guess: int) -> torch.Tensor:
+        left, top = CELL * (guess + 1), CELL * (true + 1)
+        return picture[:, top : top + CELL - 2, left : left + CELL - 2]
+
+    def tint(colour, share: float) -> torch.Tensor:
+        return torch.tensor([round(EMPTY + share**0.5 * (channel - EMPTY)) for channel in colour], dtype=torch.uint8)
+
+    for (true, guess), colour, share in (
+        ((3, 3), BLUE, 0.75), ((3, 5), RED, 0.25), ((7, 7), BLUE, 1.0), ((0, 0), BLUE, 0.0), ((5, 3), RED, 0.0),
+    ):  # fmt: skip
+        pixels = cell(true, guess).flatten(1).T
+        background = (pixels == tint(colour, share)).all(dim=1)
+        assert background.float().mean() > 0.8, (true, guess)  # the cell's colour, but where its count is written
+        written = not background.all()
+        assert written == bool(counts[true, guess]), (true, guess)
+
+
 ## A short run on the tiny MNIST: its event files
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tiny_mnist, tmp_path_factory):
-    """Three epochs on the tiny MNIST, as a user runs it; its output and its run folder."""
+    """Three epochs on the tiny MNIST, as a user runs it, then the same for two epochs (version_1);
+    the folder and the output of the first."""
     cwd = tmp_path_factory.mktemp("tiny_run")
     result = run_script("--data-dir", str(tiny_mnist), "--max-epochs", "3", cwd=cwd)
     assert result.returncode == 0, result.stderr
+    second = run_script("--data-dir", str(tiny_mnist), "--max-epochs", "2", cwd=cwd)
+    assert second.returncode == 0, second.stderr
     return cwd, result
 
 
@@ -112,16 +152,19 @@ def test_event_files_hold_one_grid_and_one_confusion_matrix_per_epoch(tiny_run):
             assert (image.width, image.height) == size == png_size(image.encoded_image_string), tag
 
 
-def test_hparams_tab_shows_the_hyperparameters_and_the_accuracies_of_the_weights_tested(tiny_run):
+def test_hparams_tab_shows_the_whole_configuration_and_the_accuracies_of_the_weights_tested(tiny_run):
     cwd, _ = tiny_run
     events = read_events(cwd / "lightning_logs" / "version_0")
     content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
     experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
     assert {info.name.tag for info in experiment.metric_infos} == {"hp/val_acc", "hp/test_acc"}
-    assert {info.name for info in experiment.hparam_infos} >= {"hidden_size", "learning_rate", "batch_size"}
+    # Every flag and every argument of the model, as the run used them.
+    everything = set(vars(parse_args([]))) | set(LitNeuralNet().hparams)
+    assert {info.name for info in experiment.hparam_infos} == everything
     session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
-    assert session.hparams["hidden_size"].number_value == 500
-    assert session.hparams["learning_rate"].number_value == pytest.approx(1e-3)
+    values = {name: getattr(value, value.WhichOneof("kind")) for name, value in session.hparams.items()}
+    assert values["max_epochs"] == 3 and values["hidden_size"] == 500 and values["seed"] == 42
+    assert values["learning_rate"] == pytest.approx(1e-3) and values["precision"] == "32-true"
     # The values the tab shows: the best epoch's validation accuracy (its weights were tested) and the test's.
     val_acc = [event.value for event in events.Scalars("val_acc")]
     assert [event.value for event in events.Scalars("hp/val_acc")] == [max(val_acc)]
@@ -162,7 +205,7 @@ def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, t
         # It answers once it has started, and lists the tags once it has read the files: wait for both.
         deadline = time.monotonic() + 120
         tags = {}
-        while "test_acc" not in tags.get("version_0", {}):
+        while not all("test_acc" in tags.get(run, {}) for run in ("version_0", "version_1")):
             assert server.poll() is None, log.read_text()
             assert time.monotonic() < deadline, ("TensorBoard did not serve the run in time", log.read_text())
             try:
@@ -187,8 +230,10 @@ def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, t
         metrics = [{"metric": {"tag": tag}} for tag in ("hp/val_acc", "hp/test_acc")]
         query = {"experimentName": "", "startIndex": 0, "sliceSize": 10, "colParams": metrics,
                  "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]}  # fmt: skip
-        (row,) = get_json(f"{base}/hparams/session_groups", post=query)["sessionGroups"]
-        assert row["name"] == "version_0"
+        rows = {row["name"]: row for row in get_json(f"{base}/hparams/session_groups", post=query)["sessionGroups"]}
+        assert set(rows) == {"version_0", "version_1"}  # the two runs, told apart by their max_epochs
+        assert (rows["version_0"]["hparams"]["max_epochs"], rows["version_1"]["hparams"]["max_epochs"]) == (3, 2)
+        row = rows["version_0"]
         assert row["hparams"]["hidden_size"] == 500 and row["hparams"]["learning_rate"] == pytest.approx(1e-3)
         served = {value["name"]["tag"]: value["value"] for value in row["metricValues"]}
         assert served == {

@@ -21,15 +21,18 @@ from conftest import (
     SCRIPT,
     TINY_TEST,
     TINY_TRAIN,
+    best_checkpoint,
     make_digits,
+    reported_accuracy,
     run_script,
     write_idx_images,
     write_idx_labels,
     write_mnist,
 )
-from test_lightning_mnist import best_checkpoint, reported_accuracy
+from pytorch_lightning.utilities import rank_zero_only
+from test_lesson import evaluate
 
-from lightning_mnist import ExclusiveTensorBoardLogger, LitNeuralNet, main
+from lightning_mnist import LitNeuralNet, claim_run_folder, main
 
 ## Interruption and resume
 
@@ -122,6 +125,21 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path)
     assert run.output.count("Training stopped by SIGINT in epoch 0") == 1
     assert f"--ckpt-path {checkpoint}\n" in run.output
     assert "Traceback" not in run.output
+
+
+def test_ckpt_path_resumes_training_where_it_stopped(tiny_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    steps_per_epoch = torch.load(first, weights_only=False)["global_step"]
+    assert steps_per_epoch == 6  # 550 images, batches of 100
+    capsys.readouterr()
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "3", "--ckpt-path", str(first)]) == 0
+    out = capsys.readouterr().out
+    resumed = torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert resumed["global_step"] == 3 * steps_per_epoch and resumed["epoch"] == 2
+    assert torch.load(first, weights_only=False)["global_step"] == steps_per_epoch  # the first run's is untouched
+    assert reported_accuracy(out) == pytest.approx(100 * evaluate(best_checkpoint(out), tiny_mnist), abs=0.006)
 
 
 ## Reproducibility
@@ -263,18 +281,18 @@ def test_two_machines_started_by_torchrun_train_together_and_report_once(odd_mni
 ## No lost work
 
 
-def test_loggers_that_pick_their_version_at_once_each_get_a_folder_of_their_own(tmp_path):
+def test_run_folders_are_claimed_one_each_even_when_picked_at_once(tmp_path):
     # Lightning's logger takes the highest version_N plus one, so two runs that look
     # before either has written anything take the same folder. This one claims it as it picks it.
     assert [pl.loggers.TensorBoardLogger(save_dir=tmp_path / "plain").version for _ in range(2)] == [0, 0]
-    first, second = (ExclusiveTensorBoardLogger(save_dir=tmp_path) for _ in range(2))
-    assert (first.version, second.version) == (0, 1)
-    assert sorted(path.name for path in (tmp_path / "lightning_logs").iterdir()) == ["version_0", "version_1"]
+    (tmp_path / "lightning_logs" / "version_3").mkdir(parents=True)
+    assert [claim_run_folder(tmp_path) for _ in range(2)] == [4, 5]
+    assert sorted(path.name for path in (tmp_path / "lightning_logs").iterdir()) == [f"version_{n}" for n in (3, 4, 5)]
 
 
-def test_loggers_of_other_ranks_create_no_folder(tmp_path, monkeypatch):
-    monkeypatch.setattr(pl.utilities.rank_zero.rank_zero_only, "rank", 1)
-    assert ExclusiveTensorBoardLogger(save_dir=tmp_path).version == 0
+def test_processes_other_than_global_rank_0_claim_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert claim_run_folder(tmp_path) is None
     assert not (tmp_path / "lightning_logs").exists()
 
 
@@ -301,9 +319,9 @@ def test_runs_started_together_in_one_folder_keep_their_own_logs_and_checkpoints
 
 def damage_labels_out_of_range(raw: Path) -> str:
     _, labels = make_digits(TINY_TRAIN, seed=0)
-    labels[17] = 12
+    labels[17] = 10  # the first label too large
     write_idx_labels(raw / "train-labels-idx1-ubyte", labels)
-    return "holds labels up to 12; MNIST labels are 0-9"
+    return "holds labels up to 10; MNIST labels are 0-9"
 
 
 def damage_one_label_missing(raw: Path) -> str:
