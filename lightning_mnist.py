@@ -13,11 +13,17 @@ Where Lightning 2.x differs from the video, a comment says so at that place.
 """
 
 import argparse
+import errno
+import gzip
 import logging
+import os
+import pickle
 import shlex
+import shutil
 import signal
 import sys
 import warnings
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,18 +31,20 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.datasets import MNIST
+from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
@@ -150,8 +158,9 @@ VAL_FRACTION = 1 / 12  # 5,000 of the 60,000 training images are held out for va
 SPLIT_SEED = 42  # fixed, so every run validates on the same 5,000 images
 
 
-class DataError(Exception):
-    """The MNIST files are missing, unreadable or wrong; the message says what to do."""
+class RunError(Exception):
+    """A mistake in the input or a fault of the environment, not a bug of this script: main()
+    prints its message, which says what to do, on one line and without a traceback."""
 
 
 class MNISTTensors(Dataset):
@@ -212,45 +221,90 @@ def mnist_loader(dataset: MNISTTensors, batch_size: int, num_workers: int, shuff
     )
 
 
+MNIST_FILES = [Path(archive).stem for archive, _ in MNIST.resources]  # train-images-idx3-ubyte, ...
+IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes in 3 or 1 dimensions
+GZIP_MAGIC = 0x1F8B
+
+
 def download_mnist(data_dir: str) -> None:
-    """Download MNIST into data_dir unless its four files are there, or say what to do."""
+    """Make the four MNIST files ready in data_dir/MNIST/raw: unpack .gz copies found there and
+    download the rest, or say which files are missing and where they belong."""
     raw = Path(data_dir, "MNIST", "raw")
-    if all((raw / Path(name).stem).is_file() for name, _ in MNIST.resources):
+    missing = []
+    for name in MNIST_FILES:
+        # torchvision unpacks only archives byte-identical to the official ones, and tries to
+        # download the others again, so a user's own .gz copies are unpacked here.
+        if not (raw / name).exists() and (raw / f"{name}.gz").is_file():
+            gunzip(raw / f"{name}.gz", raw / name)
+        if not (raw / name).exists():
+            missing.append(name)
+    if not missing:
         return
     try:
         for train in (True, False):
             MNIST(data_dir, train=train, download=True)
     except Exception as error:  # no network, a proxy, a full disk, ...
-        files = ", ".join(Path(name).stem for name, _ in MNIST.resources)
-        raise DataError(
-            f"MNIST is not in {Path(data_dir).resolve()} and could not be downloaded ({error}). "
-            f"Put the four MNIST files ({files}, each optionally .gz) into {raw}, "
+        cause = str(error).strip().splitlines()[-1]  # torchvision's message lists each address it tried
+        names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
+        raise RunError(
+            f"{names} {'is' if len(missing) == 1 else 'are'} not in {raw} and could not be "
+            f"downloaded ({cause}). Put {'it' if len(missing) == 1 else 'them'} there (each may be .gz), "
             "or point --data-dir at the folder that holds MNIST/raw/."
         ) from error
 
 
-def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
-    """Read one MNIST split through torchvision, as tensors, or say what is wrong."""
-    raw = Path(data_dir, "MNIST", "raw")
+def gunzip(archive: Path, target: Path) -> None:
+    """Unpack a .gz file beside it, or say what is wrong with it."""
+    packed = archive.read_bytes()
     try:
-        mnist = MNIST(data_dir, train=train)
-    except Exception as error:  # torchvision reports truncated or corrupt files in many ways
-        raise DataError(
-            f"the MNIST files in {raw} could not be read ({type(error).__name__}: {error}). "
-            "Delete them to download them again, or point --data-dir at an intact copy."
+        unpacked = gzip.decompress(packed)
+    except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, damaged
+        raise RunError(
+            f"{archive} could not be unpacked ({error}): replace it with an intact copy, or delete it to download it."
         ) from error
-    # torchvision checks each file's header, not that the files make a usable data set:
-    # wrong ones would otherwise fail in the middle of training, far from the cause.
+    temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(unpacked)
+    temporary.replace(target)  # whole or not at all
+
+
+def read_idx(path: Path, kind: str) -> torch.Tensor:
+    """One MNIST file, read by torchvision, or a RunError that names the file and what is wrong with it."""
+    with open(path, "rb") as file:  # a missing file is an OSError, which names it
+        header = file.read(8)
+    magic, count = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
+    if len(header) < 8:
+        problem = "is empty" if not header else "is cut short"
+    elif magic >> 16 == GZIP_MAGIC:
+        problem = f"is still packed with gzip: name it {path.name}.gz, or unpack it"
+    elif magic != IDX_MAGIC[kind]:
+        problem = f"starts with {magic:#010x}, where MNIST {kind} files start with {IDX_MAGIC[kind]:#010x}"
+    elif count == 0:
+        problem = f"holds no {kind}"
+    else:
+        try:
+            return (read_image_file if kind == "images" else read_label_file)(str(path))
+        except (RuntimeError, ValueError, TypeError) as error:  # how torchvision reports a file cut short
+            problem = f"could not be read ({type(error).__name__}: {error}); it may be cut short"
+    raise RunError(f"{path} {problem}. Replace it with an intact copy, or delete it to download MNIST again.")
+
+
+def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
+    """Read one MNIST split as tensors, or say what is wrong with its files."""
+    raw = Path(data_dir, "MNIST", "raw")
     split = "train" if train else "t10k"
     images_file, labels_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
-    images, labels = mnist.data, mnist.targets
+    images, labels = read_idx(images_file, "images"), read_idx(labels_file, "labels")
+    # torchvision checks each file's header, not that the files make a usable data set:
+    # wrong ones would otherwise fail in the middle of training, far from the cause.
     if images.shape[1:] != (28, 28):
         height, width = images.shape[1:]
-        raise DataError(f"{images_file} holds {height}x{width} images; MNIST images are 28x28.")
+        raise RunError(f"{images_file} holds {height}x{width} images; MNIST images are 28x28.")
     if len(labels) != len(images):
-        raise DataError(f"{labels_file} holds {len(labels)} labels for the {len(images)} images in {images_file}.")
+        raise RunError(f"{labels_file} holds {len(labels)} labels for the {len(images)} images in {images_file}.")
+    if len(labels) == 0:
+        raise RunError(f"{images_file} holds no images.")
     if (labels >= NUM_CLASSES).any():
-        raise DataError(f"{labels_file} holds labels up to {labels.max()}; MNIST labels are 0-{NUM_CLASSES - 1}.")
+        raise RunError(f"{labels_file} holds labels up to {labels.max()}; MNIST labels are 0-{NUM_CLASSES - 1}.")
     return MNISTTensors(images, labels)
 
 
@@ -259,6 +313,11 @@ def load_mnist_train_and_val(data_dir: str) -> tuple[MNISTTensors, MNISTTensors]
     full = load_mnist(data_dir, train=True)
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(SPLIT_SEED))
     val_size = round(len(full) * VAL_FRACTION)
+    if not 0 < val_size < len(full):
+        raise RunError(
+            f"the training file in {Path(data_dir, 'MNIST', 'raw')} holds {len(full)} images: too few to hold "
+            "1 in 12 of them out for validation and train on the rest."
+        )
     val_index, train_index = order.split([val_size, len(full) - val_size])
     return (
         MNISTTensors(full.images[train_index], full.labels[train_index]),
@@ -352,19 +411,106 @@ def confusion_picture(counts: torch.Tensor) -> torch.Tensor:
     return pil_to_tensor(picture)
 
 
-## Runs: a folder of their own, checkpoints, the Trainer
+## Runs: a folder of their own, checkpoints that survive a crash, the Trainer
 
 LOG_EVERY_N_STEPS = 10  # train_loss to TensorBoard and the progress bar: 110 points in a default run
 
 # Keep the output to what a user can act on. Lightning 2.6 advertises its cloud logger at
-# every start; its own code trips a deprecation warning of newer torch; and on machines with
-# more than 2 cores it suggests DataLoader workers, which would slow this script down (see
-# mnist_loader). For data that needs decoding, that tip is right: delete its filter then.
+# every start; its own code trips a deprecation warning of newer torch; it warns that a
+# checkpoints folder is not empty, which a continued run's is on purpose (a new run's never
+# is: claim_run_folder); and on machines with more than 2 cores it suggests DataLoader
+# workers, which would slow this script down (see mnist_loader). For data that needs
+# decoding, that tip is right: delete its filter then.
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
 )
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made safe: a checkpoint file is always whole, old or new."""
+
+    # Lightning writes over the old file in place, so a crash, a kill or a full disk in the
+    # middle of a save leaves a truncated checkpoint where a good one was. This one writes a
+    # temporary file beside it, forces it onto the disk, and renames it over the old file.
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            with open(temporary, "wb") as file:
+                torch.save(checkpoint, file)
+                file.flush()
+                os.fsync(file.fileno())
+            temporary.replace(path)
+        except (OSError, RuntimeError) as error:  # torch reports a short write as a RuntimeError
+            temporary.unlink(missing_ok=True)
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write stopped short"
+            free = shutil.disk_usage(path.parent).free / 2**20
+            raise RunError(
+                f"could not write the checkpoint {path}: {reason}, with {free:.1f} MiB free on its disk. "
+                "The checkpoints written before are whole."
+            ) from error
+        folder = os.open(path.parent, os.O_RDONLY)  # and the rename too, before the next save removes an old file
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+class StopWhenDiverged(pl.Callback):
+    """Ends training with an error when the weights are no longer finite numbers."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Checked on the steps Lightning logs anyway, so that a GPU does not wait at every step;
+        # weights that have become NaN stay NaN. Under DDP every process holds the same weights,
+        # so all of them stop at the same step.
+        if trainer.global_step % trainer.log_every_n_steps:
+            return
+        if not torch.stack([parameter.isfinite().all() for parameter in pl_module.parameters()]).all():
+            raise RunError(
+                f"the weights became NaN or infinite by step {trainer.global_step} (the training loss was "
+                f"{outputs['loss'].item():.3g}): the model diverged, and its accuracy would mean nothing. "
+                f"Try a smaller --lr than {pl_module.hparams.learning_rate:g}."
+            )
+
+
+class StopOnSignal(pl.Callback):
+    """Ctrl-C or SIGTERM in training stops every process after the same step, and Lightning
+    saves that step in last.ckpt. A second Ctrl-C stops at once."""
+
+    # Lightning 2.6 handles SIGTERM itself, but under DDP its handler talks to the other
+    # processes from inside the signal handler, which can deadlock them (Lightning issue
+    # #20806); and Ctrl-C stops each process wherever it is. So while Lightning runs, this
+    # handler only notes the signal, and the processes agree on it at the end of a step.
+    def __init__(self) -> None:
+        self.signal = None
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:  # Lightning has installed its handlers by now
+        self._listen()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._listen()
+
+    def on_test_start(self, trainer, pl_module) -> None:  # the test, under a second, runs to its end
+        self._listen()
+
+    def _listen(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._note)  # Lightning puts back the handlers it found when it is done
+
+    def _note(self, signum: int, frame: object) -> None:
+        if self.signal is not None:
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.world_size > 1 and trainer.global_step % trainer.log_every_n_steps:
+            return  # under DDP, agreeing costs a message between the processes: every 10 steps
+        if trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False):
+            raise SIGTERMException  # Lightning's own: it saves last.ckpt, then passes it on to main()
 
 
 @rank_zero_only
@@ -375,7 +521,11 @@ def claim_run_folder(save_dir: Path) -> int:
     # either creates the folder or fails, atomically: the run whose mkdir succeeds owns it.
     # Only global rank 0 claims one (other DDP processes get None); they write nothing.
     logs = save_dir / "lightning_logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    if logs.is_symlink() and not logs.exists():
+        raise RunError(f"{logs} links to {os.readlink(logs)}, which does not exist: mount it, or remove the link.")
+    if logs.exists() and not logs.is_dir():
+        raise RunError(f"{logs} is a file, where this script keeps its runs: move it away.")
+    logs.mkdir(exist_ok=True)
     versions = [int(path.name[8:]) for path in logs.glob("version_*") if path.name[8:].isdigit()]
     version = max(versions, default=-1) + 1
     while True:
@@ -384,6 +534,20 @@ def claim_run_folder(save_dir: Path) -> int:
             return version
         except FileExistsError:
             version += 1
+
+
+def run_logger(checkpoint: str | None) -> TensorBoardLogger:
+    """The run's TensorBoard logger, which also decides where its checkpoints go: the folder of
+    the run that the checkpoint continues, or a new lightning_logs/version_N."""
+    # A run continued from one of its own checkpoints stays in its folder: its curves go on,
+    # and Lightning restores the best checkpoint and score so far, which it does only when the
+    # checkpoints folder is the same.
+    folder = Path(checkpoint).resolve().parent.parent if checkpoint else None
+    if folder and folder.parent.parent.is_dir() and (folder / "hparams.yaml").is_file():
+        version = int(folder.name[8:]) if folder.name[8:].isdigit() else folder.name
+        return TensorBoardLogger(folder.parent.parent, folder.parent.name, version, default_hp_metric=False)
+    # The HParams tab gets the accuracies that main() logs, instead of a placeholder "hp_metric".
+    return TensorBoardLogger(Path.cwd(), version=claim_run_folder(Path.cwd()), default_hp_metric=False)
 
 
 def build_trainer(args: argparse.Namespace) -> pl.Trainer:
@@ -397,37 +561,153 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     # when val_acc improves, so a second checkpoint holds it. When Ctrl-C or SIGTERM stops
     # training, Lightning saves it there and then, in the middle of the epoch.
     last = ModelCheckpoint(filename="last", enable_version_counter=False, save_on_exception=True)
-    logger = False
-    if not args.fast_dev_run:  # which logs and saves nothing
-        # The HParams tab gets the accuracies that main() logs, instead of a placeholder "hp_metric".
-        version = claim_run_folder(Path.cwd())
-        logger = TensorBoardLogger(save_dir=Path.cwd(), version=version, default_hp_metric=False)
-    return pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy=args.strategy,
-        num_nodes=args.num_nodes,
-        precision=args.precision,
-        max_epochs=args.max_epochs,
-        fast_dev_run=args.fast_dev_run,
-        deterministic=args.deterministic,
-        gradient_clip_val=args.gradient_clip_val,
-        # The 2.x names of the video's train_percent_check and val_percent_check.
-        limit_train_batches=args.limit_train_batches,
-        limit_val_batches=args.limit_val_batches,
-        # Lightning's default of every 50 steps starts the train_loss curve after the loss has
-        # fallen from 2.3 to 0.3; every 10 shows more of that fall.
-        log_every_n_steps=LOG_EVERY_N_STEPS,
-        # Redrawing the bar at every step of a fast net costs more than the step itself.
-        callbacks=[best, last, ValidationPictures(), TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS)],
-        logger=logger,
-    )
+    logger = None if args.fast_dev_run else run_logger(args.ckpt_path)  # fast_dev_run logs and saves nothing
+    try:
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=devices,
+            strategy=args.strategy,
+            num_nodes=args.num_nodes,
+            precision=args.precision,
+            max_epochs=args.max_epochs,
+            fast_dev_run=args.fast_dev_run,
+            deterministic=args.deterministic,
+            gradient_clip_val=args.gradient_clip_val,
+            # The 2.x names of the video's train_percent_check and val_percent_check.
+            limit_train_batches=args.limit_train_batches,
+            limit_val_batches=args.limit_val_batches,
+            # Lightning's default of every 50 steps starts the train_loss curve after the loss has
+            # fallen from 2.3 to 0.3; every 10 shows more of that fall.
+            log_every_n_steps=LOG_EVERY_N_STEPS,
+            callbacks=[
+                best,
+                last,
+                ValidationPictures(),
+                StopWhenDiverged(),
+                StopOnSignal(),
+                # Redrawing the bar at every step of a fast net costs more than the step itself.
+                TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS),
+            ],
+            logger=logger or False,
+            plugins=[AtomicCheckpointIO()],
+            # Anything else a run writes (the learning-rate finder's temporary checkpoint) goes in its folder.
+            default_root_dir=logger.log_dir if logger else None,
+        )
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as error:  # Lightning checks its arguments
+        hint = ""
+        if (args.gpus or accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
+            hint = " This machine has no GPU that torch can use: leave out --gpus/--accelerator to train on the CPU."
+        discard_unused_run_folder(logger and Path(logger.log_dir))
+        raise RunError(f"the Trainer cannot be set up as asked: {error}{hint}") from error
+    try:
+        check_launch(trainer)
+    except RunError:
+        discard_unused_run_folder(logger and Path(logger.log_dir))
+        raise
+    return trainer
+
+
+def check_launch(trainer: pl.Trainer) -> None:
+    """Refuse, before it starts, a run that would wait forever or overload the machine."""
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    if trainer.num_nodes > 1 and not (environment and environment.creates_processes_externally):
+        raise RunError(
+            f"--num-nodes {trainer.num_nodes} needs the script started on each machine by a launcher that tells "
+            "it its rank, such as torchrun or SLURM's srun; started alone it would wait for the other machines "
+            'forever. See the README\'s section "More devices, more machines".'
+        )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if isinstance(trainer.accelerator, CPUAccelerator) and trainer.num_devices > cores:
+        raise RunError(
+            f"--devices {trainer.num_devices} on the CPU starts {trainer.num_devices} training processes, "
+            f"but this machine has {cores} CPU cores: use --devices {cores} or fewer."
+        )
+
+
+def discard_unused_run_folder(folder: Path | None) -> None:
+    """Remove a run's folder if it holds no checkpoint: a run that stopped before saving one
+    leaves nothing behind. Global rank 0 alone does, which alone writes there."""
+    if folder is None or rank_zero_only.rank != 0:
+        return
+    if folder.is_dir() and not list(folder.glob("checkpoints/*.ckpt")):
+        shutil.rmtree(folder)
+
+
+def model_arguments(args: argparse.Namespace) -> dict:
+    """LitNeuralNet's arguments. A continued run takes the model's from its checkpoint: a flag
+    that contradicts them is refused, rather than silently ignored."""
+    arguments = {"hidden_size": args.hidden_size, "learning_rate": args.learning_rate,
+                 "batch_size": args.batch_size, "data_dir": args.data_dir, "num_workers": args.num_workers}  # fmt: skip
+    if args.ckpt_path:
+        trained = read_checkpoint(args.ckpt_path)
+        for name, flag, default in CHECKPOINT_FLAGS:
+            if arguments[name] not in (default, trained[name]):
+                raise RunError(
+                    f"{flag} {arguments[name]} contradicts the checkpoint, whose run used {flag} {trained[name]}: "
+                    f"leave {flag} out to continue that run, or leave --ckpt-path out to start a new one."
+                )
+            if arguments[name] != trained[name] and rank_zero_only.rank == 0:
+                print(f"Continuing the checkpoint's run with its {flag} {trained[name]}.")
+            arguments[name] = trained[name]
+    check_memory(arguments)
+    return arguments
+
+
+CHECKPOINT_FLAGS = [("hidden_size", "--hidden-size", HIDDEN_SIZE), ("learning_rate", "--lr", LEARNING_RATE),
+                    ("batch_size", "--batch-size", BATCH_SIZE)]  # fmt: skip
+
+
+def read_checkpoint(path: str) -> dict:
+    """The hyperparameters of a checkpoint of this script, or a RunError that says what the file is instead."""
+    advice = "give --ckpt-path a last.ckpt or best checkpoint of a run of this script."
+    with open(path, "rb") as file:
+        start = file.read(4)
+    if start != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise RunError(f"{path} {'is empty' if not start else 'is not a PyTorch checkpoint'}: {advice}")
+    try:
+        # weights_only: a checkpoint holds tensors and plain values; anything else could run code.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a damaged archive fails in many ways
+        problem = "is cut short or damaged"
+        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+            problem = "holds Python objects besides tensors and plain values, as this script's checkpoints never do"
+        raise RunError(f"{path} {problem}: {advice}") from error
+    hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
+    if not isinstance(hparams, dict) or not {name for name, _, _ in CHECKPOINT_FLAGS} <= hparams.keys():
+        raise RunError(
+            f"{path} is not a checkpoint of this script (no LitNeuralNet hyperparameters: weights saved with "
+            "torch.save, say): give --ckpt-path a last.ckpt or best checkpoint of a run of this script."
+        )
+    with torch.device("meta"):  # the shapes of the weights these hyperparameters make, with no memory for them
+        expected = {name: value.shape for name, value in LitNeuralNet(**hparams).state_dict().items()}
+    found = {name: value.shape for name, value in checkpoint.get("state_dict", {}).items()}
+    if found != expected:
+        raise RunError(
+            f"{path} holds weights that do not fit its own hyperparameters: it is damaged or not from this script."
+        )
+    return hparams
+
+
+def check_memory(arguments: dict) -> None:
+    """Refuse a model too large for this machine's memory: Linux would kill the run with no word."""
+    with torch.device("meta"):
+        weights = sum(parameter.numel() for parameter in LitNeuralNet(**arguments).parameters())
+    need = 16 * weights  # 4 bytes each for a weight, its gradient and Adam's two running averages
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: leave it to the allocator
+        return
+    if need > memory:
+        raise RunError(
+            f"a model with --hidden-size {arguments['hidden_size']} has {weights:,} weights and needs about "
+            f"{need / 2**30:.1f} GiB to train, more than this machine's {memory / 2**30:.1f} GiB: use a smaller one."
+        )
 
 
 ## Command line: every Trainer feature the video shows, as a flag
 
 
-def _number(kind: type, minimum: float, above: bool = False):
+def _number(kind: type, minimum: float, above: bool = False, maximum: float = float("inf")):
     """An argparse type for a number of `kind` at least (or above) `minimum`, whose errors say so."""
 
     def parse(text: str):
@@ -435,11 +715,11 @@ def _number(kind: type, minimum: float, above: bool = False):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not (value > minimum if above else value >= minimum) or value == float("inf"):
+        if value is None or not (value > minimum if above else value >= minimum) or not value < maximum:
             what = "an integer" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(
-                f"expected {what} {'above' if above else 'of at least'} {minimum}, got {text!r}"
-            )
+            bounds = f"{'above' if above else 'of at least'} {minimum}"
+            bounds += f" and below {maximum}" if maximum < float("inf") else ""
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}")
         return value
 
     return parse
@@ -523,7 +803,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trainer.add_argument(
         "--deterministic", action="store_true", help="deterministic algorithms only, for bit-identical reruns"
     )
-    trainer.add_argument("--seed", type=int, default=42, help="seed for the weights and the shuffling")
+    trainer.add_argument(
+        "--seed", type=_number(int, 0, maximum=2**32), default=42, help="seed for the weights and the shuffling"
+    )
     trainer.add_argument("--gradient-clip-val", type=float, help="clip the gradient norm to this value")
     trainer.add_argument(
         "--limit-train-batches",
@@ -539,20 +821,156 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gpus is not None and (args.accelerator != "auto" or args.devices != "auto"):
         parser.error("--gpus N already means --accelerator gpu --devices N; give one or the other")
     if args.ckpt_path is not None and not Path(args.ckpt_path).is_file():
-        parser.error(f"--ckpt-path: no checkpoint file at {args.ckpt_path}")
+        what = "is a folder, not" if Path(args.ckpt_path).is_dir() else "is no"
+        parser.error(f"--ckpt-path: {args.ckpt_path} {what} checkpoint file")
     return args
 
 
 ## Main: train, test once, report
 
 
-def _fail(message: str) -> int:
-    """Report a problem the user can fix, on one line and without a traceback; the exit status is 1."""
-    print("error:", *message.split(), file=sys.stderr)  # messages of torch and Lightning span lines
-    return 1
+def main(argv: list[str] | None = None) -> int:
+    """Train, validate and test; print the test accuracy and the best checkpoint. The exit status
+    is 0 when done, 1 after a problem that one `error:` line explains, 2 for a flag that the
+    command line refuses, and 130 or 143 after Ctrl-C or SIGTERM."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    trainer, folder, phase = None, None, "set-up"
+    # SIGTERM stops the run at once, as Ctrl-C does, except in training (see StopOnSignal).
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGTERM, _raise_sigterm)
+    try:
+        pl.seed_everything(args.seed, workers=True)
+        model = LitNeuralNet(**model_arguments(args))
+        trainer = build_trainer(args)
+        folder = Path(trainer.logger.log_dir) if trainer.logger else None  # the learning-rate finder swaps the logger
+        if args.lr_find:
+            phase = "the learning-rate finder"
+            find_learning_rate(trainer, model)
+        phase = "training"
+        trainer.fit(model, ckpt_path=args.ckpt_path)
+        phase = "after training"
+        if noted_signal(trainer):  # in the last validation, with no training step after it to stop at
+            raise SIGTERMException
+        phase = "the final test"
+        tested = checkpoint_to_test(trainer, args)
+        results = trainer.test(model, ckpt_path=tested)
+    except (KeyboardInterrupt, SystemExit) as stop:
+        # Lightning ends fit and test on Ctrl-C with SystemExit, after saving last.ckpt.
+        if type(stop) is SystemExit and not (trainer and trainer.interrupted):
+            raise
+        stopped_by = noted_signal(trainer) or (signal.SIGTERM if isinstance(stop, SIGTERMException) else signal.SIGINT)
+        return report_interruption(stopped_by, trainer, folder, phase, args, argv)
+    except Exception as error:
+        if not is_problem(error):
+            raise  # a bug of this script, whose traceback says where
+        discard_unused_run_folder(folder)
+        return report_problem(error, after_progress_bar=phase != "set-up")
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if dist.is_initialized():
+            # Lightning keeps DDP's process group for the next fit or test; this run is done with it.
+            # Left to the end of the process, its teardown can race with the other processes'.
+            dist.destroy_process_group()
+    if rank_zero_only.rank == 0:
+        report_results(trainer, model, args, results[0]["test_acc"], tested)
+    return 0
 
 
-def _resume_command(argv: list[str], checkpoint: Path) -> str:
+def _raise_sigterm(signum: int, frame: object) -> None:
+    raise SIGTERMException  # Lightning's own: a SystemExit
+
+
+def noted_signal(trainer: pl.Trainer | None) -> signal.Signals | None:
+    """The signal that StopOnSignal noted in the Trainer's loops, if any."""
+    stoppers = [callback for callback in trainer.callbacks if isinstance(callback, StopOnSignal)] if trainer else []
+    return stoppers[0].signal if stoppers else None
+
+
+def find_learning_rate(trainer: pl.Trainer, model: LitNeuralNet) -> None:
+    """Set the model's learning rate to the suggestion of Lightning's learning-rate finder."""
+    # The video's Trainer(auto_lr_find=True) is gone in Lightning 2.x: the Tuner runs the
+    # learning-rate range test and sets the suggestion on the model.
+    lr_finder = Tuner(trainer).lr_find(model)
+    if lr_finder is None or rank_zero_only.rank != 0:  # fast_dev_run skips it
+        return
+    suggestion = lr_finder.suggestion()
+    if suggestion is not None:
+        print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.")
+    if trainer.logger:
+        from matplotlib.figure import Figure  # here alone: matplotlib takes a while to import
+
+        # The loss at each learning rate tried, the suggestion marked with a red dot.
+        figure = Figure()
+        lr_finder.plot(suggest=True, ax=figure.add_subplot())
+        figure.savefig(Path(trainer.logger.log_dir, "lr_find.png"))
+        trainer.logger.experiment.add_figure("lr_find", figure)
+
+
+def checkpoint_to_test(trainer: pl.Trainer, args: argparse.Namespace) -> str | None:
+    """The best checkpoint of the run, to test once; None for the weights at hand."""
+    # The path, rather than ckpt_path="best", says which of the two checkpoints is meant.
+    best = trainer.checkpoint_callback.best_model_path
+    if best and not Path(best).is_file():
+        # A run continued from a checkpoint whose folder is gone, with no epoch since: Lightning
+        # restored the path of that folder's best checkpoint.
+        if rank_zero_only.rank == 0:
+            print(f"The run's best checkpoint, {best}, is gone: testing the weights of {args.ckpt_path}.")
+        return None
+    return best or None  # none when no epoch was validated: fast_dev_run, --limit-val-batches 0
+
+
+def report_results(
+    trainer: pl.Trainer, model: LitNeuralNet, args: argparse.Namespace, test_acc: float, tested: str | None
+) -> None:
+    """Print the run's result, and put it in TensorBoard's HParams tab beside the run's configuration."""
+    if trainer.logger:
+        # One row per run: its whole configuration beside the accuracies of the weights tested,
+        # on the validation images (the best epoch's) and on the test images.
+        config = {**vars(args), **model.hparams}  # the model's: after --lr-find, the rate it trained with
+        val_acc = trainer.checkpoint_callback.best_model_score
+        metrics = {"hp/test_acc": test_acc} | ({"hp/val_acc": val_acc.item()} if val_acc is not None else {})
+        trainer.logger.log_hyperparams(config, metrics)
+        trainer.logger.finalize("success")  # writes them out; Lightning finalized the logger after the test
+    print(f"Test accuracy: {100 * test_acc:.2f}%")
+    print(f"Best checkpoint: {tested or '(none: no epoch was validated and saved; tested the last weights)'}")
+    if trainer.logger:
+        print(f"Run folder: {trainer.logger.log_dir}")
+        print(f"Open it in TensorBoard: tensorboard --logdir {shlex.quote(trainer.logger.log_dir)}")
+
+
+def report_interruption(
+    stopped_by: signal.Signals, trainer: pl.Trainer | None, folder: Path | None, phase: str, args, argv: list[str]
+) -> int:
+    """Say where Ctrl-C or SIGTERM stopped the run and how to continue it; the exit status is
+    128 + the signal's number, what a shell or a scheduler reports for a process it stopped."""
+    if rank_zero_only.rank != 0:
+        return 128 + stopped_by
+    where = {
+        "set-up": "before training started",
+        "the learning-rate finder": "during the learning-rate finder, before training",
+        "training": f"in epoch {trainer.current_epoch} at step {trainer.global_step}"
+        if trainer and trainer.global_step
+        else "before training went on"
+        if args.ckpt_path
+        else "before the first training step",
+        "after training": "after training had finished, before the final test",
+        "the final test": "during the final test, after training had finished",
+    }[phase]
+    last = folder / "checkpoints" / "last.ckpt" if folder else None  # build_trainer's `last`
+    if last and last.is_file():
+        then = f"Continue it with:\n  {_resume_command(argv, last)}"
+    elif args.ckpt_path:
+        then = f"Continue it with the same command:\n  {_resume_command(argv, args.ckpt_path)}"
+    else:
+        then = "Nothing to continue: it had saved no checkpoint. Run the same command again."
+        discard_unused_run_folder(folder)
+    print(f"\nStopped by {stopped_by.name} {where}. {then}")  # on a line of its own, after the progress bar
+    return 128 + stopped_by
+
+
+def _resume_command(argv: list[str], checkpoint: str | Path) -> str:
     """This run's command line with --ckpt-path set to checkpoint, which continues the run."""
     flags, after_ckpt_path = [], False
     for arg in argv:  # leave out the --ckpt-path the run was started with, if any
@@ -562,90 +980,35 @@ def _resume_command(argv: list[str], checkpoint: Path) -> str:
     return shlex.join(["python", sys.argv[0], *flags, "--ckpt-path", str(checkpoint)])
 
 
-def _report_interruption(trainer: pl.Trainer, argv: list[str]) -> int:
-    """Say how to continue a run that Ctrl-C or SIGTERM stopped; the exit status is 128 + the signal's number."""
-    # 130 and 143 are what a shell or a scheduler reports for a process stopped by SIGINT or SIGTERM.
-    stopped_by = signal.SIGTERM if trainer.received_sigterm else signal.SIGINT
-    if trainer.is_global_zero:
-        folder = trainer.checkpoint_callback.dirpath
-        checkpoint = Path(folder, "last.ckpt") if folder else None  # build_trainer's `last`
-        if trainer.global_step and checkpoint and checkpoint.is_file():
-            print(
-                f"Training stopped by {stopped_by.name} in epoch {trainer.current_epoch} at step "
-                f"{trainer.global_step}; Lightning saved it in {checkpoint}."
-            )
-            print(f"Continue it with:\n  {_resume_command(argv, checkpoint)}")
-        else:
-            print(f"Training stopped by {stopped_by.name} before its first step: nothing to continue.")
-    return 128 + stopped_by
+def is_problem(error: Exception) -> bool:
+    """Whether an exception is a mistake in the input, a fault of the machine or a setting that
+    Lightning refuses, which end a run with one `error:` line, rather than a bug of this script."""
+    if isinstance(error, (RunError, MisconfigurationException, OSError, torch.OutOfMemoryError, dist.DistError)):
+        return True
+    return type(error) is RuntimeError and "can't allocate memory" in str(error)  # torch's, for the CPU
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train, validate and test; print the test accuracy and the best checkpoint."""
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    pl.seed_everything(args.seed, workers=True)
-    model = LitNeuralNet(
-        hidden_size=args.hidden_size,
-        learning_rate=args.learning_rate,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        num_workers=args.num_workers,
-    )
-    try:
-        trainer = build_trainer(args)
-    except (MisconfigurationException, ValueError, TypeError, ImportError) as error:  # Lightning checks its arguments
-        hint = ""
-        if (args.gpus or args.accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
-            hint = " This machine has no GPU that torch can use: leave out --gpus/--accelerator to train on the CPU."
-        return _fail(f"the Trainer cannot be set up as asked: {error}{hint}")
-    try:
-        if args.lr_find:
-            # The video's Trainer(auto_lr_find=True) is gone in Lightning 2.x: the Tuner
-            # runs the learning-rate range test and sets the suggestion on the model.
-            lr_finder = Tuner(trainer).lr_find(model)
-            suggestion = lr_finder.suggestion() if lr_finder else None
-            if suggestion is not None and trainer.is_global_zero:
-                print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.")
-            if lr_finder and trainer.is_global_zero and trainer.logger:
-                # The loss at each learning rate tried, the suggestion marked with a red dot.
-                figure = Figure()
-                lr_finder.plot(suggest=True, ax=figure.add_subplot())
-                figure.savefig(Path(trainer.logger.log_dir, "lr_find.png"))
-                trainer.logger.experiment.add_figure("lr_find", figure)
-        trainer.fit(model, ckpt_path=args.ckpt_path)
-        # Test once, with the weights that validated best. With no checkpoint (fast_dev_run,
-        # --limit-val-batches 0) that is the last weights. The path, rather than
-        # ckpt_path="best", says which of the two checkpoints is meant.
-        best_path = trainer.checkpoint_callback.best_model_path or None
-        results = trainer.test(model, ckpt_path=best_path)
-    except (DataError, MisconfigurationException) as error:  # a setting that does not fit the data, say
-        return _fail(str(error))
-    except SystemExit:
-        # Lightning stops a run on Ctrl-C or SIGTERM with SystemExit, after saving last.ckpt.
-        if not trainer.interrupted:
-            raise
-        return _report_interruption(trainer, argv)
-    if trainer.is_global_zero:
-        test_acc = results[0]["test_acc"]
-        if trainer.logger:
-            # TensorBoard's HParams tab: one row per run, its whole configuration beside the
-            # accuracies of the weights tested, on the validation images (the best epoch's) and the test images.
-            config = {**vars(args), **model.hparams}  # the model's: after --lr-find, the rate it trained with
-            val_acc = trainer.checkpoint_callback.best_model_score
-            metrics = {"hp/test_acc": test_acc} | ({"hp/val_acc": val_acc.item()} if val_acc is not None else {})
-            trainer.logger.log_hyperparams(config, metrics)
-            trainer.logger.finalize("success")  # writes them out; Lightning finalized the logger after the test
-        print(f"Test accuracy: {100 * test_acc:.2f}%")
-        print(f"Best checkpoint: {best_path or '(none: no epoch was validated and saved; tested the last weights)'}")
-        if trainer.logger:
-            print(f"Run folder: {trainer.logger.log_dir}")
-            print(f"Open it in TensorBoard: tensorboard --logdir {shlex.quote(trainer.logger.log_dir)}")
-    if dist.is_initialized():
-        # Lightning keeps DDP's process group for the next fit or test; this run is done with it.
-        # Left to the end of the process, its teardown can race with the other processes'.
-        dist.destroy_process_group()
-    return 0
+def report_problem(error: BaseException, after_progress_bar: bool = False) -> int:
+    """Print a problem on one `error:` line (once, under DDP); the exit status is 1."""
+    if isinstance(error, torch.OutOfMemoryError):
+        message = f"the GPU ran out of memory ({error}): use a smaller --batch-size or --hidden-size."
+    elif isinstance(error, dist.DistError):
+        message = f"lost contact with the other processes of the run ({error})."
+        if rank_zero_only.rank != 0:
+            return 1  # a consequence: global rank 0 reports what went wrong
+    elif isinstance(error, OSError) and error.strerror:
+        advice = {errno.ENOSPC: " Free some space.", errno.EACCES: " Run it in a folder you can write to.",
+                  errno.EROFS: " Run it in a folder you can write to."}.get(error.errno, "")  # fmt: skip
+        message = f"{error.strerror}: {error.filename}.{advice}" if error.filename else f"{error}.{advice}"
+    elif type(error) is RuntimeError:
+        message = f"not enough memory ({error}): use a smaller --batch-size or --hidden-size."
+    else:
+        message = str(error)
+    if rank_zero_only.rank == 0:
+        if after_progress_bar:  # which ends without a newline
+            print(file=sys.stderr)
+        print("error:", *message.split(), file=sys.stderr)  # one line: torch's and Lightning's messages span lines
+    return 1
 
 
 if __name__ == "__main__":
