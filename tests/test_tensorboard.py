@@ -203,7 +203,7 @@ def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, t
         )  # fmt: skip
     try:
         # It answers once it has started, and lists the tags once it has read the files: wait for both.
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         tags = {}
         while not all("test_acc" in tags.get(run, {}) for run in ("version_0", "version_1")):
             assert server.poll() is None, log.read_text()

@@ -25,12 +25,14 @@ from conftest import (
     make_digits,
     reported_accuracy,
     run_script,
+    trainers_with,
     write_idx_images,
     write_idx_labels,
     write_mnist,
 )
 from pytorch_lightning.utilities import rank_zero_only
 from test_lesson import evaluate
+from test_tensorboard import read_events
 
 from lightning_mnist import LitNeuralNet, claim_run_folder, main
 
@@ -97,7 +99,7 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(
     saved = torch.load(checkpoint, weights_only=False)
     assert saved["epoch"] == 1 and STEPS_PER_EPOCH < saved["global_step"] < 2 * STEPS_PER_EPOCH  # mid-epoch
     # The message says once how to go on: this run's command with --ckpt-path.
-    assert re.findall(r"Training stopped by SIGTERM in epoch 1 at step (\d+)", run.output) == [
+    assert re.findall(r"Stopped by SIGTERM in epoch 1 at step (\d+)\. Continue it with:", run.output) == [
         str(saved["global_step"])
     ]
     commands = re.findall(r"^  (python .+)$", run.output, re.MULTILINE)
@@ -108,11 +110,12 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(
     resumed = run_script(*command[2:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert reported_accuracy(resumed.stdout) >= 90.0
-    final = torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    # The run went on in its own folder, and its last.ckpt holds where it ended.
+    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    final = torch.load(checkpoint, weights_only=False)
     assert final["epoch"] == 1 and final["global_step"] == 2 * STEPS_PER_EPOCH
     # Adam counts its steps: it went on from the saved state instead of starting again.
     assert {state["step"].item() for state in final["optimizer_states"][0]["state"].values()} == {2 * STEPS_PER_EPOCH}
-    assert torch.load(checkpoint, weights_only=False)["global_step"] == saved["global_step"]  # left as it was
 
 
 def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path):
@@ -122,24 +125,69 @@ def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path)
         assert run.finish() == 128 + signal.SIGINT, run.output
     checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     assert 0 < torch.load(checkpoint, weights_only=False)["global_step"] < STEPS_PER_EPOCH
-    assert run.output.count("Training stopped by SIGINT in epoch 0") == 1
+    assert run.output.count("Stopped by SIGINT in epoch 0 at step ") == 1
     assert f"--ckpt-path {checkpoint}\n" in run.output
     assert "Traceback" not in run.output
 
 
-def test_ckpt_path_resumes_training_where_it_stopped(tiny_mnist, tmp_path, monkeypatch, capsys):
+def test_ckpt_path_resumes_training_where_it_stopped_in_the_same_run(tiny_mnist, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
-    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    steps_per_epoch = torch.load(first, weights_only=False)["global_step"]
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    steps_per_epoch = torch.load(last, weights_only=False)["global_step"]
     assert steps_per_epoch == 6  # 550 images, batches of 100
     capsys.readouterr()
-    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "3", "--ckpt-path", str(first)]) == 0
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "3", "--ckpt-path", str(last)]) == 0
     out = capsys.readouterr().out
-    resumed = torch.load(tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt", weights_only=False)
+    resumed = torch.load(last, weights_only=False)
     assert resumed["global_step"] == 3 * steps_per_epoch and resumed["epoch"] == 2
-    assert torch.load(first, weights_only=False)["global_step"] == steps_per_epoch  # the first run's is untouched
     assert reported_accuracy(out) == pytest.approx(100 * evaluate(best_checkpoint(out), tiny_mnist), abs=0.006)
+    # The same run: one folder, whose curves go on from where they stopped.
+    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    events = read_events(tmp_path / "lightning_logs" / "version_0")
+    assert [event.step for event in events.Scalars("val_acc")] == [5, 11, 17]  # the last step of each epoch
+
+
+class SpoilFromEpoch(pl.Callback):
+    """From the start of epoch 2 the model guesses 0 for every image and learns nothing more; Ctrl-C
+    stops the run (when asked to) in the middle of that epoch."""
+
+    def __init__(self, interrupt: bool) -> None:
+        self.interrupt = interrupt
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 2:
+            with torch.no_grad():
+                pl_module.l2.weight.zero_()
+                pl_module.l2.bias.copy_(torch.eye(10)[0])
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.interrupt and trainer.current_epoch == 2 and batch_idx == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_run_interrupted_after_its_best_epoch_is_tested_with_that_epochs_checkpoint(
+    tiny_mnist, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data-dir", str(tiny_mnist), "--max-epochs", "3", "--lr", "3e-5"]  # epoch 1 validates best
+    trainers_with(monkeypatch, SpoilFromEpoch(interrupt=True))
+    assert main(flags) == 130
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    (best,) = checkpoints.glob("epoch=1-*.ckpt")
+    last = checkpoints / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 16  # stopped in epoch 2
+    capsys.readouterr()
+
+    trainers_with(monkeypatch, SpoilFromEpoch(interrupt=False))
+    assert main([*flags, "--ckpt-path", str(last)]) == 0
+    out = capsys.readouterr().out
+    assert best_checkpoint(out) == best  # the best of the whole run, from before the interruption
+    assert reported_accuracy(out) == pytest.approx(100 * evaluate(best, tiny_mnist), abs=0.006)
+    assert evaluate(last, tiny_mnist) == pytest.approx(0.1)  # what testing the last epoch would have given
+    assert sorted(path.name for path in checkpoints.iterdir()) == [best.name, "last.ckpt"]
 
 
 ## Reproducibility
