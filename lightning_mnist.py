@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.tuner import Tuner
@@ -271,6 +271,95 @@ def load_mnist_train_and_val(data_dir: str) -> tuple[MNISTTensors, MNISTTensors]
         MNISTTensors(full.images[train_index], full.labels[train_index]),
         MNISTTensors(full.images[val_index], full.labels[val_index]),
     )
+
+
+## Your own digits: prepared the way MNIST was
+
+# MNIST's digits began as black-and-white scans. Each was scaled to fit a 20x20 box, its aspect
+# ratio kept (the grey edges come from the anti-aliasing of that scaling), and placed in a 28x28
+# image so that its centre of mass lies at the centre. The model has seen nothing else: a digit
+# drawn dark on white paper, large or off-centre, is misread unless it is prepared the same way.
+MNIST_SIDE = 28  # pixels a side of an MNIST image
+DIGIT_BOX = 20  # pixels a side of the box that a digit's longer side is scaled to
+MNIST_CENTRE = 14  # row and column, counted from 0, of MNIST's centres of mass (13.99, 14.01 on average)
+MIN_CONTRAST = 0.1  # ink fainter than this against its background (on a 0-1 scale) is no digit
+INK_THRESHOLD = 0.2  # what is fainter than this share of the darkest stroke is paper: texture, shadow, JPEG noise
+LARGEST_SIDE = 1024  # pixels; a larger picture is first shrunk to this, 50 times the box, to save time and memory
+
+
+class PictureError(Exception):
+    """A picture that cannot be read as a digit; the message says why."""
+
+
+def open_picture(path: str | Path) -> Image.Image:
+    """The picture in a file, in any format Pillow reads, or a PictureError that says what is wrong."""
+    try:
+        # Pillow warns about pictures over 89 megapixels, which could be made to exhaust memory, and
+        # refuses those over twice as many. These are the user's own pictures: only the refusal is shown.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                picture.load()  # Pillow reads lazily: a damaged file fails here, not later
+                return picture
+    except FileNotFoundError:
+        raise PictureError("no such file") from None
+    except IsADirectoryError:
+        raise PictureError("a folder, not a picture") from None
+    except PermissionError:
+        raise PictureError("not allowed to read it") from None
+    except UnidentifiedImageError:
+        raise PictureError("not a picture, or in a format Pillow cannot read") from None
+    except Image.DecompressionBombError as error:
+        raise PictureError(f"too large to read safely ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno:  # the system's: a name too long, a disk that fails, ...
+            raise PictureError(f"cannot be read ({error.strerror})") from None
+        # What Pillow raises for a damaged or truncated file, in its own words.
+        raise PictureError(f"the picture is damaged or cut short ({error})") from None
+
+
+def prepare_digit(picture: str | Path | Image.Image) -> torch.Tensor:
+    """A picture of one digit (a file or a Pillow image) as MNIST's images are: (1, 28, 28), normalised.
+
+    Raises PictureError, with the reason, for a file that is missing or no picture, and for a picture
+    that holds nothing but background."""
+    if not isinstance(picture, Image.Image):
+        picture = open_picture(picture)
+    picture = ImageOps.exif_transpose(picture)  # photos taken sideways, as their camera says
+    if picture.mode.startswith("I"):  # 16-bit grey, which convert() would clip at 255 rather than scale
+        picture = picture.convert("I").point(lambda value: value / 257)
+    picture = picture.convert("LA")  # grey and alpha, from any of Pillow's modes
+    picture.thumbnail((LARGEST_SIDE, LARGEST_SIDE))
+    grey, alpha = (pil_to_tensor(channel)[0] / 255 for channel in picture.split())
+    if (alpha < 1).any():
+        # Transparent pixels are background, as in drawing programs' exports: lay the strokes on
+        # paper of the opposite shade, white behind dark strokes and black behind light ones.
+        strokes = (grey * alpha).sum() / alpha.sum().clamp(min=1)  # their mean shade; 0 if there are none
+        paper = 1.0 if strokes < 0.5 else 0.0
+        grey = grey * alpha + paper * (1 - alpha)
+    # The background is the shade of most of the picture's edge. Nearer the lightest pixel than the
+    # darkest, it is paper: invert, since MNIST's digits are light on black.
+    background = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).median()
+    if background > (grey.min() + grey.max()) / 2:
+        grey, background = 1 - grey, 1 - background
+    ink = (grey - background).clamp(min=0)
+    if ink.max() < MIN_CONTRAST:
+        raise PictureError("nothing but background: no digit found")
+    ink = ink / ink.max()  # the strongest stroke full white, as in MNIST
+    ink[ink < INK_THRESHOLD] = 0
+    # Crop to the digit, and scale it to fit the 20x20 box with its aspect ratio kept.
+    rows, columns = ink.any(dim=1).nonzero(), ink.any(dim=0).nonzero()
+    ink = ink[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+    scale = DIGIT_BOX / max(ink.shape)
+    size = [max(1, round(side * scale)) for side in ink.shape]
+    ink = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0]
+    # Place it in 28x28 so that its centre of mass falls on MNIST's (negative padding crops).
+    height, width = ink.shape
+    row = (ink.sum(dim=1) * torch.arange(height)).sum() / ink.sum()
+    column = (ink.sum(dim=0) * torch.arange(width)).sum() / ink.sum()
+    top, left = round(MNIST_CENTRE - row.item()), round(MNIST_CENTRE - column.item())
+    image = F.pad(ink, (left, MNIST_SIDE - left - width, top, MNIST_SIDE - top - height))
+    return ((image - MNIST_MEAN) / MNIST_STD).unsqueeze(0)
 
 
 ## Pictures in TensorBoard
