@@ -7,6 +7,7 @@ with the checkpoint that validated best.
 
     python lightning_mnist.py                  # 2 epochs: about 97.3% test accuracy
     python lightning_mnist.py --fast-dev-run   # one batch through every step, to check the code
+    python lightning_mnist.py --predict 7.png  # the digit in your own picture, read by the best checkpoint
     tensorboard --logdir lightning_logs        # the curves, the mistakes, the hyperparameters
 
 Where Lightning 2.x differs from the video, a comment says so at that place.
@@ -14,6 +15,8 @@ Where Lightning 2.x differs from the video, a comment says so at that place.
 
 import argparse
 import logging
+import pickle
+import re
 import shlex
 import signal
 import sys
@@ -482,6 +485,16 @@ def claim_run_folder(save_dir: Path) -> int:
             version += 1
 
 
+def newest_best_checkpoint(logs: Path) -> Path | None:
+    """The best epoch's checkpoint of the newest run (the highest version_N) in logs that saved one."""
+    runs = [path for path in logs.glob("version_*") if path.name.removeprefix("version_").isdigit()]
+    for run in sorted(runs, key=lambda path: int(path.name.removeprefix("version_")), reverse=True):
+        best = list(run.glob("checkpoints/epoch=*-val_acc=*.ckpt"))  # named by build_trainer's `best`
+        if best:
+            return max(best, key=lambda path: float(re.search(r"val_acc=(\d+\.\d+)", path.name).group(1)))
+    return None
+
+
 def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     """A Trainer configured by the command line, checkpointing the best epoch by val_acc."""
     # The video's Trainer(gpus=N) is gone in Lightning 2.x: accelerator="gpu", devices=N.
@@ -629,7 +642,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trainer.add_argument(
         "--limit-val-batches", type=_batches, help="validation batches per epoch: a number or a fraction; 0 for none"
     )
-    trainer.add_argument("--ckpt-path", help="checkpoint to resume training from")
+    trainer.add_argument("--ckpt-path", help="checkpoint to resume training from, or to predict with")
+
+    use = parser.add_argument_group("use the trained model")
+    use.add_argument(
+        "--predict",
+        nargs="+",
+        metavar="FILE",
+        help="print the digit each picture shows, using --ckpt-path or else the best checkpoint of the newest run "
+        "in ./lightning_logs; trains nothing. --accelerator, --devices, --precision and --batch-size apply",
+    )
     args = parser.parse_args(argv)
 
     if args.gpus is not None and (args.accelerator != "auto" or args.devices != "auto"):
@@ -676,10 +698,61 @@ def _report_interruption(trainer: pl.Trainer, argv: list[str]) -> int:
     return 128 + stopped_by
 
 
+def predict(args: argparse.Namespace) -> int:
+    """--predict: print the digit each picture shows, a line per picture in the order given."""
+    checkpoint = args.ckpt_path or newest_best_checkpoint(Path("lightning_logs"))
+    if checkpoint is None:
+        return _fail(
+            "no checkpoint in ./lightning_logs to predict with: train one first (python lightning_mnist.py), "
+            "or pass --ckpt-path"
+        )
+    try:
+        model = LitNeuralNet.load_from_checkpoint(checkpoint)
+    # What torch and Lightning raise for a file that is damaged or not a checkpoint of this model.
+    except (OSError, EOFError, KeyError, RuntimeError, TypeError, ValueError, pickle.UnpicklingError) as error:
+        reason = "of another model" if "state_dict" in str(error) else "damaged, or not a checkpoint of this script"
+        return _fail(f"{checkpoint} cannot be loaded: it is {reason}")
+    # stdout holds one line per picture, for grep and friends; the rest goes to stderr.
+    print(f"Checkpoint: {checkpoint}", file=sys.stderr)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no banners about GPUs between the lines
+    accelerator, devices = ("gpu", args.gpus) if args.gpus else (args.accelerator, args.devices)
+    try:
+        trainer = pl.Trainer(
+            accelerator=accelerator,
+            devices=1 if devices == "auto" else devices,  # not every GPU, which "auto" means
+            precision=args.precision,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as error:  # Lightning checks its arguments
+        return _fail(f"the Trainer cannot be set up as asked: {error}")
+    if trainer.world_size > 1:
+        # DDP would share the pictures out between processes, each printing its own.
+        return _fail("--predict runs on one device: leave out --devices, or pass --devices 1")
+
+    status, paths, images = 0, [], []
+    for path in args.predict:
+        try:
+            images.append(prepare_digit(path))
+            paths.append(path)
+        except PictureError as error:  # say which, and go on with the others
+            status = _fail(f"{path}: {error}")
+    if images:
+        batches = trainer.predict(model, DataLoader(torch.stack(images), batch_size=args.batch_size))
+        for path, probabilities in zip(paths, torch.cat(batches), strict=True):
+            (first, second), (digit, runner_up) = (top.tolist() for top in probabilities.topk(2))
+            print(f"{path}: {digit} ({100 * first:.1f}%; next {runner_up} at {100 * second:.1f}%)")
+    return status
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Train, validate and test; print the test accuracy and the best checkpoint."""
+    """Train, validate and test; print the test accuracy and the best checkpoint. Or, with --predict, predict."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.predict:
+        return predict(args)
     pl.seed_everything(args.seed, workers=True)
     model = LitNeuralNet(
         hidden_size=args.hidden_size,

@@ -173,7 +173,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
         "--fast-dev-run", "--max-epochs", "--gpus", "--accelerator", "--devices", "--strategy", "--num-nodes",
         "--precision", "--lr-find", "--deterministic", "--seed", "--gradient-clip-val", "--batch-size",
         "--hidden-size", "--lr", "--num-workers", "--data-dir", "--limit-train-batches", "--limit-val-batches",
-        "--ckpt-path",
+        "--ckpt-path", "--predict",
     ):  # fmt: skip
         assert re.search(rf"^  {flag}\b", out, re.MULTILINE), flag
     assert "(default: 2)" in out and "(default: ./data)" in out and "(default: 0.001)" in out
