@@ -89,6 +89,13 @@ def real_default_run(real_mnist, tmp_path_factory) -> tuple[Path, subprocess.Com
     return cwd, run_script("--data-dir", str(real_mnist), cwd=cwd, timeout=600)
 
 
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """Make torch, and so Lightning, see four CUDA GPUs; enough to build a Trainer, not to train."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+
+
 def run_script(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run lightning_mnist.py as a user would, in its own process."""
     return subprocess.run(

@@ -4,15 +4,24 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import digit_forms, write_digit_forms
 from PIL import Image
-from pytorch_lightning.accelerators import CPUAccelerator
+from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 from torchvision.datasets import MNIST
 
-from lightning_mnist import MNIST_MEAN, MNIST_STD, LitNeuralNet, main, newest_best_checkpoint, prepare_digit
+from lightning_mnist import (
+    LARGEST_SIDE,
+    MNIST_MEAN,
+    MNIST_STD,
+    LitNeuralNet,
+    main,
+    newest_best_checkpoint,
+    prepare_digit,
+)
 
 PREDICTION = re.compile(r"^(.+): (\d) \((\d+\.\d)%; next (\d) at (\d+\.\d)%\)$")
 FORMS = tuple(digit_forms(torch.zeros(28, 28, dtype=torch.uint8)))
@@ -172,6 +181,23 @@ def test_pictures_in_other_formats_and_stored_sideways_are_read_alike(drawn_test
     exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
     page.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "sideways.png", exif=exif)
     assert torch.equal(prepare_digit(tmp_path / "sideways.png"), expected["page"])
+
+
+def test_16_bit_grey_is_scaled_and_large_pictures_shrunk_first(drawn_test_digits, tmp_path):
+    image = drawn_test_digits[0][0].numpy()
+    expected = prepare_digit(Image.fromarray(255 - image))
+    # 16-bit grey (scanners write it) holds 0-65535: the same shades, 257 times the numbers.
+    sixteen_bit = Image.fromarray((255 - image).astype(np.uint16) * 257)
+    sixteen_bit.save(tmp_path / "sixteen_bit.png")
+    assert Image.open(tmp_path / "sixteen_bit.png").mode == "I;16"
+    assert torch.equal(prepare_digit(tmp_path / "sixteen_bit.png"), expected)
+    # A picture larger than LARGEST_SIDE is first shrunk to it, as Pillow's thumbnail does.
+    page = Image.new("L", (4 * LARGEST_SIDE, 3 * LARGEST_SIDE), 255)
+    page.paste(Image.fromarray(255 - image).resize((600, 600)), (2000, 500))
+    shrunk = page.copy()
+    shrunk.thumbnail((LARGEST_SIDE, LARGEST_SIDE))
+    assert max(shrunk.size) == LARGEST_SIDE
+    assert torch.equal(prepare_digit(page), prepare_digit(shrunk))
 
 
 def test_colour_is_read_as_grey_and_any_light_paper_as_background(drawn_test_digits, tmp_path):
@@ -359,6 +385,23 @@ def test_trainer_flags_reach_the_predictions(drawn_test_digits, in_drawn_run, ca
     assert trainer.logger is None and trainer.checkpoint_callback is None  # nothing trained, nothing written
     # In bfloat16 the percentages move a little; the digits stay.
     assert [line[:2] for line in predictions(out)] == [line[:2] for line in predictions(out_32)]
+
+
+def test_predict_takes_one_gpu_where_auto_would_take_them_all(in_drawn_run, capsys, monkeypatch, four_gpus):
+    Image.fromarray(torch.eye(28, dtype=torch.uint8).mul(255).numpy()).save("stroke.png")
+    calls = []
+
+    def spy(trainer, model, dataloaders, **kwargs):  # records the Trainer; these GPUs cannot compute
+        calls.append(trainer)
+        return [torch.tensor([[0.06, 0, 0, 0.9, 0, 0, 0, 0, 0, 0.04]])]
+
+    monkeypatch.setattr(pl.Trainer, "predict", spy)
+    status, out, _ = run_predict(capsys, "stroke.png", "--accelerator", "gpu")
+    assert (status, out) == (0, "stroke.png: 3 (90.0%; next 0 at 6.0%)\n")
+    assert isinstance(calls[0].accelerator, CUDAAccelerator) and calls[0].device_ids == [0]
+    status, out, err = run_predict(capsys, "stroke.png", "--gpus", "2")
+    assert (status, out, len(calls)) == (1, "", 1)
+    assert err[-1] == "error: --predict runs on one device: leave out --devices, or pass --devices 1"
 
 
 @pytest.mark.parametrize(
