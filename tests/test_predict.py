@@ -209,7 +209,10 @@ def test_colour_is_read_as_grey_and_any_light_paper_as_background(drawn_test_dig
         Image.new("RGB", light.size, (20, 30, 140)), Image.new("RGB", light.size, (250, 240, 200)), light
     )
     dim = Image.composite(Image.new("L", light.size, 40), Image.new("L", light.size, 110), light)
-    for picture in (blue_on_cream, dim):
+    # White chalk strokes on transparent white pixels: the paper behind them must be dark.
+    chalk = Image.new("RGBA", light.size, (255, 255, 255, 0))
+    chalk.putalpha(light)
+    for picture in (blue_on_cream, dim, chalk):
         assert (prepare_digit(picture) - expected).abs().mean() < 0.05
 
 
@@ -223,8 +226,13 @@ def test_one_line_per_picture_in_the_order_given_and_nothing_written(
     names = ["zeta.png", "alpha.png", "with spaces.png", "mid.png"]
     for name, image in zip(names, images, strict=False):
         Image.fromarray(image.numpy()).save(name)
+    # The checkpoint of a default run names ./data as MNIST's folder, where there is none here. No
+    # MNIST is read, nor downloaded: a proxy on a closed port would make a download fail.
+    (checkpoint,) = list(Path("lightning_logs").glob("version_0/checkpoints/epoch=*.ckpt"))
+    default = torch.load(checkpoint, weights_only=True)
+    default["hyper_parameters"]["data_dir"] = "./data"
+    torch.save(default, checkpoint)
     before = sorted(path.relative_to(in_drawn_run) for path in in_drawn_run.rglob("*"))
-    # No MNIST is read, nor downloaded: a proxy on a closed port would make a download fail.
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     status, out, err = run_predict(capsys, "zeta.png", "alpha.png", "with spaces.png", "zeta.png", "mid.png")
     assert status == 0
@@ -239,7 +247,6 @@ def test_one_line_per_picture_in_the_order_given_and_nothing_written(
     assert printed[0] == printed[3]  # the same file twice, the same line twice
     for _, digit, first, runner_up, second in printed:
         assert digit != runner_up and 100 >= first >= second >= 0
-    (checkpoint,) = list(Path("lightning_logs").glob("version_0/checkpoints/epoch=*.ckpt"))
     assert err == [f"Checkpoint: {checkpoint}"]
     assert sorted(path.relative_to(in_drawn_run) for path in in_drawn_run.rglob("*")) == before
 
@@ -256,6 +263,9 @@ def test_bad_pictures_are_named_and_the_others_still_predicted(drawn_test_digits
     Image.new("L", (40, 30), 255).save("white.png")
     Image.new("RGBA", (40, 30), (0, 0, 0, 0)).save("transparent.png")
     Image.new("L", (1, 1), 0).save("dot.png")
+    speck = Image.new("L", (40, 30), 255)
+    speck.putpixel((20, 10), 235)  # dust: too faint to be ink
+    speck.save("speck.png")
     bad = {
         "missing.png": "no such file",
         "notes.png": "not a picture, or in a format Pillow cannot read",
@@ -265,6 +275,7 @@ def test_bad_pictures_are_named_and_the_others_still_predicted(drawn_test_digits
         "white.png": "nothing but background: no digit found",
         "transparent.png": "nothing but background: no digit found",
         "dot.png": "nothing but background: no digit found",
+        "speck.png": "nothing but background: no digit found",
     }
     status, out, err = run_predict(capsys, "good.png", *bad, "also good.png")
     assert status == 1
