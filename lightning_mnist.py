@@ -575,7 +575,8 @@ def _batches(text: str) -> int | float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; each default is set here once and shown by --help."""
     parser = argparse.ArgumentParser(
-        description="Train the tutorial's feed-forward MNIST classifier with PyTorch Lightning.",
+        description="Train the tutorial's feed-forward MNIST classifier with PyTorch Lightning, "
+        "or read your own pictures of digits with it (--predict).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model and data (LitNeuralNet's arguments)")
