@@ -731,7 +731,7 @@ def predict(args: argparse.Namespace) -> int:
         return _fail(f"the Trainer cannot be set up as asked: {error}")
     if trainer.world_size > 1:
         # DDP would share the pictures out between processes, each printing its own.
-        return _fail("--predict runs on one device: leave out --devices, or pass --devices 1")
+        return _fail("--predict runs on one device: ask for one (--devices 1, or --gpus 1)")
 
     status, paths, images = 0, [], []
     for path in args.predict:

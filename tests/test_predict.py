@@ -412,7 +412,7 @@ def test_predict_takes_one_gpu_where_auto_would_take_them_all(in_drawn_run, caps
     assert isinstance(calls[0].accelerator, CUDAAccelerator) and calls[0].device_ids == [0]
     status, out, err = run_predict(capsys, "stroke.png", "--gpus", "2")
     assert (status, out, len(calls)) == (1, "", 1)
-    assert err[-1] == "error: --predict runs on one device: leave out --devices, or pass --devices 1"
+    assert err[-1] == "error: --predict runs on one device: ask for one (--devices 1, or --gpus 1)"
 
 
 @pytest.mark.parametrize(
@@ -420,7 +420,7 @@ def test_predict_takes_one_gpu_where_auto_would_take_them_all(in_drawn_run, caps
     [
         (
             ["--accelerator", "cpu", "--devices", "2"],
-            "--predict runs on one device: leave out --devices, or pass --devices 1",
+            "--predict runs on one device: ask for one (--devices 1, or --gpus 1)",
         ),
         (["--precision", "banana"], "the Trainer cannot be set up as asked: Precision 'banana' is invalid"),
         (
