@@ -7,6 +7,7 @@ with the checkpoint that validated best.
 
     python lightning_mnist.py                  # 2 epochs: about 97.3% test accuracy
     python lightning_mnist.py --fast-dev-run   # one batch through every step, to check the code
+    python lightning_mnist.py --predict 7.png  # the digit in your own picture, read by the best checkpoint
     tensorboard --logdir lightning_logs        # the curves, the mistakes, the hyperparameters
 
 Where Lightning 2.x differs from the video, a comment says so at that place.
@@ -18,6 +19,7 @@ import gzip
 import logging
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -31,7 +33,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
@@ -120,6 +122,11 @@ class LitNeuralNet(pl.LightningModule):
         self.test_acc.update(logits, labels)
         self.log_dict({"test_loss": self.test_loss, "test_acc": self.test_acc})
 
+    def predict_step(self, batch: torch.Tensor, batch_idx: int = 0) -> torch.Tensor:
+        # Trainer.predict returns what this returns for each batch of pictures (prepared by
+        # prepare_digit below): each picture's probability of being each digit.
+        return self(batch).softmax(dim=1)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # fused=True updates all the weights in one go: a step on a CPU is about a tenth faster.
         # TPUs have no fused Adam, and Lightning cannot clip (--gradient-clip-val) the gradients
@@ -129,8 +136,10 @@ class LitNeuralNet(pl.LightningModule):
 
     def prepare_data(self) -> None:
         # Lightning calls this on one process per machine, so that processes never download
-        # into the same folder at once; setup() below runs on every process.
-        download_mnist(self.hparams.data_dir)
+        # into the same folder at once; setup() below runs on every process. Trainer.predict
+        # calls it too, but predicts the pictures it is given: it needs no MNIST.
+        if not self.trainer.predicting:
+            download_mnist(self.hparams.data_dir)
 
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
@@ -323,6 +332,95 @@ def load_mnist_train_and_val(data_dir: str) -> tuple[MNISTTensors, MNISTTensors]
         MNISTTensors(full.images[train_index], full.labels[train_index]),
         MNISTTensors(full.images[val_index], full.labels[val_index]),
     )
+
+
+## Your own digits: prepared the way MNIST was
+
+# MNIST's digits began as black-and-white scans. Each was scaled to fit a 20x20 box, its aspect
+# ratio kept (the grey edges come from the anti-aliasing of that scaling), and placed in a 28x28
+# image so that its centre of mass lies at the centre. The model has seen nothing else: a digit
+# drawn dark on white paper, large or off-centre, is misread unless it is prepared the same way.
+MNIST_SIDE = 28  # pixels a side of an MNIST image
+DIGIT_BOX = 20  # pixels a side of the box that a digit's longer side is scaled to
+MNIST_CENTRE = 14  # row and column, counted from 0, of MNIST's centres of mass (13.99, 14.01 on average)
+MIN_CONTRAST = 0.1  # ink fainter than this against its background (on a 0-1 scale) is no digit
+INK_THRESHOLD = 0.2  # what is fainter than this share of the darkest stroke is paper: texture, shadow, JPEG noise
+LARGEST_SIDE = 1024  # pixels; a larger picture is first shrunk to this, 50 times the box, to save time and memory
+
+
+class PictureError(Exception):
+    """A picture that cannot be read as a digit; the message says why."""
+
+
+def open_picture(path: str | Path) -> Image.Image:
+    """The picture in a file, in any format Pillow reads, or a PictureError that says what is wrong."""
+    try:
+        # Pillow warns about pictures over 89 megapixels, which could be made to exhaust memory, and
+        # refuses those over twice as many. These are the user's own pictures: only the refusal is shown.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as picture:
+                picture.load()  # Pillow reads lazily: a damaged file fails here, not later
+                return picture
+    except FileNotFoundError:
+        raise PictureError("no such file") from None
+    except IsADirectoryError:
+        raise PictureError("a folder, not a picture") from None
+    except PermissionError:
+        raise PictureError("not allowed to read it") from None
+    except UnidentifiedImageError:
+        raise PictureError("not a picture, or in a format Pillow cannot read") from None
+    except Image.DecompressionBombError as error:
+        raise PictureError(f"too large to read safely ({error})") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, OSError) and error.errno:  # the system's: a name too long, a disk that fails, ...
+            raise PictureError(f"cannot be read ({error.strerror})") from None
+        # What Pillow raises for a damaged or truncated file, in its own words.
+        raise PictureError(f"the picture is damaged or cut short ({error})") from None
+
+
+def prepare_digit(picture: str | Path | Image.Image) -> torch.Tensor:
+    """A picture of one digit (a file or a Pillow image) as MNIST's images are: (1, 28, 28), normalised.
+
+    Raises PictureError, with the reason, for a file that is missing or no picture, and for a picture
+    that holds nothing but background."""
+    if not isinstance(picture, Image.Image):
+        picture = open_picture(picture)
+    picture = ImageOps.exif_transpose(picture)  # photos taken sideways, as their camera says
+    if picture.mode.startswith("I"):  # 16-bit grey, which convert() would clip at 255 rather than scale
+        picture = picture.convert("I").point(lambda value: value / 257)
+    picture = picture.convert("LA")  # grey and alpha, from any of Pillow's modes
+    picture.thumbnail((LARGEST_SIDE, LARGEST_SIDE))
+    grey, alpha = (pil_to_tensor(channel)[0] / 255 for channel in picture.split())
+    if (alpha < 1).any():
+        # Transparent pixels are background, as in drawing programs' exports: lay the strokes on
+        # paper of the opposite shade, white behind dark strokes and black behind light ones.
+        strokes = (grey * alpha).sum() / alpha.sum().clamp(min=1)  # their mean shade; 0 if there are none
+        paper = 1.0 if strokes < 0.5 else 0.0
+        grey = grey * alpha + paper * (1 - alpha)
+    # The background is the shade of most of the picture's edge. Nearer the lightest pixel than the
+    # darkest, it is paper: invert, since MNIST's digits are light on black.
+    background = torch.cat([grey[0], grey[-1], grey[:, 0], grey[:, -1]]).median()
+    if background > (grey.min() + grey.max()) / 2:
+        grey, background = 1 - grey, 1 - background
+    ink = (grey - background).clamp(min=0)
+    if ink.max() < MIN_CONTRAST:
+        raise PictureError("nothing but background: no digit found")
+    ink = ink / ink.max()  # the strongest stroke full white, as in MNIST
+    ink[ink < INK_THRESHOLD] = 0
+    # Crop to the digit, and scale it to fit the 20x20 box with its aspect ratio kept.
+    rows, columns = ink.any(dim=1).nonzero(), ink.any(dim=0).nonzero()
+    ink = ink[rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+    scale = DIGIT_BOX / max(ink.shape)
+    size = [max(1, round(side * scale)) for side in ink.shape]
+    ink = F.interpolate(ink[None, None], size=size, mode="bilinear", antialias=True)[0, 0]
+    # Place it in 28x28 so that its centre of mass falls on MNIST's (negative padding crops).
+    height, width = ink.shape
+    row = (ink.sum(dim=1) * torch.arange(height)).sum() / ink.sum()
+    column = (ink.sum(dim=0) * torch.arange(width)).sum() / ink.sum()
+    top, left = round(MNIST_CENTRE - row.item()), round(MNIST_CENTRE - column.item())
+    image = F.pad(ink, (left, MNIST_SIDE - left - width, top, MNIST_SIDE - top - height))
+    return ((image - MNIST_MEAN) / MNIST_STD).unsqueeze(0)
 
 
 ## Pictures in TensorBoard
@@ -563,7 +661,7 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
     last = ModelCheckpoint(filename="last", enable_version_counter=False, save_on_exception=True)
     logger = None if args.fast_dev_run else run_logger(args.ckpt_path)  # fast_dev_run logs and saves nothing
     try:
-        trainer = pl.Trainer(
+        trainer = lightning_trainer(
             accelerator=accelerator,
             devices=devices,
             strategy=args.strategy,
@@ -593,18 +691,22 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
             # Anything else a run writes (the learning-rate finder's temporary checkpoint) goes in its folder.
             default_root_dir=logger.log_dir if logger else None,
         )
-    except (MisconfigurationException, ValueError, TypeError, ImportError) as error:  # Lightning checks its arguments
-        hint = ""
-        if (args.gpus or accelerator in ("gpu", "cuda")) and not torch.cuda.is_available():
-            hint = " This machine has no GPU that torch can use: leave out --gpus/--accelerator to train on the CPU."
-        discard_unused_run_folder(logger and Path(logger.log_dir))
-        raise RunError(f"the Trainer cannot be set up as asked: {error}{hint}") from error
-    try:
         check_launch(trainer)
     except RunError:
         discard_unused_run_folder(logger and Path(logger.log_dir))
         raise
     return trainer
+
+
+def lightning_trainer(**options) -> pl.Trainer:
+    """pl.Trainer(**options), or a RunError with Lightning's reason when it refuses them."""
+    try:
+        return pl.Trainer(**options)
+    except (MisconfigurationException, ValueError, TypeError, ImportError) as error:  # Lightning checks its arguments
+        hint = ""
+        if options["accelerator"] in ("gpu", "cuda") and not torch.cuda.is_available():
+            hint = " This machine has no GPU that torch can use: leave out --gpus/--accelerator to train on the CPU."
+        raise RunError(f"the Trainer cannot be set up as asked: {error}{hint}") from error
 
 
 def check_launch(trainer: pl.Trainer) -> None:
@@ -746,7 +848,8 @@ def _batches(text: str) -> int | float:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; each default is set here once and shown by --help."""
     parser = argparse.ArgumentParser(
-        description="Train the tutorial's feed-forward MNIST classifier with PyTorch Lightning.",
+        description="Train the tutorial's feed-forward MNIST classifier with PyTorch Lightning, "
+        "or read your own pictures of digits with it (--predict).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     model = parser.add_argument_group("model and data (LitNeuralNet's arguments)")
@@ -815,7 +918,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     trainer.add_argument(
         "--limit-val-batches", type=_batches, help="validation batches per epoch: a number or a fraction; 0 for none"
     )
-    trainer.add_argument("--ckpt-path", help="checkpoint to resume training from")
+    trainer.add_argument("--ckpt-path", help="checkpoint to resume training from, or to predict with")
+
+    use = parser.add_argument_group("use the trained model")
+    use.add_argument(
+        "--predict",
+        nargs="+",
+        metavar="FILE",
+        help="print the digit each picture shows, using --ckpt-path or else the best checkpoint of the newest run "
+        "in ./lightning_logs; trains nothing. --accelerator, --devices, --precision and --batch-size apply",
+    )
     args = parser.parse_args(argv)
 
     if args.gpus is not None and (args.accelerator != "auto" or args.devices != "auto"):
@@ -830,7 +942,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Train, validate and test; print the test accuracy and the best checkpoint. The exit status
+    """Train, validate and test; print the test accuracy and the best checkpoint (or, with --predict,
+    read the digits in pictures). The exit status
     is 0 when done, 1 after a problem that one `error:` line explains, 2 for a flag that the
     command line refuses, and 130 or 143 after Ctrl-C or SIGTERM."""
     argv = sys.argv[1:] if argv is None else argv
@@ -840,6 +953,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_sigterm)
     try:
+        if args.predict:
+            phase = "prediction"
+            return predict(args)
         pl.seed_everything(args.seed, workers=True)
         model = LitNeuralNet(**model_arguments(args))
         trainer = build_trainer(args)
@@ -865,7 +981,7 @@ def main(argv: list[str] | None = None) -> int:
         if not is_problem(error):
             raise  # a bug of this script, whose traceback says where
         discard_unused_run_folder(folder)
-        return report_problem(error, after_progress_bar=phase != "set-up")
+        return report_problem(error, after_progress_bar=phase not in ("set-up", "prediction"))
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
@@ -957,9 +1073,12 @@ def report_interruption(
         else "before the first training step",
         "after training": "after training had finished, before the final test",
         "the final test": "during the final test, after training had finished",
+        "prediction": "while predicting",
     }[phase]
     last = folder / "checkpoints" / "last.ckpt" if folder else None  # build_trainer's `last`
-    if last and last.is_file():
+    if phase == "prediction":
+        then = "Run the same command again."
+    elif last and last.is_file():
         then = f"Continue it with:\n  {_resume_command(argv, last)}"
     elif args.ckpt_path:
         then = f"Continue it with the same command:\n  {_resume_command(argv, args.ckpt_path)}"
@@ -1007,8 +1126,66 @@ def report_problem(error: BaseException, after_progress_bar: bool = False) -> in
     if rank_zero_only.rank == 0:
         if after_progress_bar:  # which ends without a newline
             print(file=sys.stderr)
-        print("error:", *message.split(), file=sys.stderr)  # one line: torch's and Lightning's messages span lines
+        print(
+            "error:", " ".join(line.strip() for line in message.splitlines()), file=sys.stderr
+        )  # messages of torch and Lightning span lines
     return 1
+
+
+## Use the trained model
+
+
+def predict(args: argparse.Namespace) -> int:
+    """--predict: print the digit each picture shows, a line per picture in the order given; the
+    exit status is 1 when a picture could not be read."""
+    checkpoint = args.ckpt_path or newest_best_checkpoint(Path("lightning_logs"))
+    if checkpoint is None:
+        raise RunError(
+            "no checkpoint in ./lightning_logs to predict with: train one first (python lightning_mnist.py), "
+            "or pass --ckpt-path"
+        )
+    read_checkpoint(checkpoint)  # one line for a damaged file or another model's, never torch's own words
+    model = LitNeuralNet.load_from_checkpoint(checkpoint, map_location="cpu")
+    # stdout holds one line per picture, for grep and friends; the rest goes to stderr.
+    print(f"Checkpoint: {checkpoint}", file=sys.stderr)
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no banners about GPUs between the lines
+    accelerator, devices = ("gpu", args.gpus) if args.gpus else (args.accelerator, args.devices)
+    trainer = lightning_trainer(
+        accelerator=accelerator,
+        devices=1 if devices == "auto" else devices,  # not every GPU, which "auto" means
+        precision=args.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    if trainer.world_size > 1:
+        # DDP would share the pictures out between processes, each printing its own.
+        raise RunError("--predict runs on one device: ask for one (--devices 1, or --gpus 1)")
+
+    status, paths, images = 0, [], []
+    for path in args.predict:
+        try:
+            images.append(prepare_digit(path))
+            paths.append(path)
+        except PictureError as error:  # say which, and go on with the others
+            status = report_problem(RunError(f"{path}: {error}"))
+    if images:
+        batches = trainer.predict(model, DataLoader(torch.stack(images), batch_size=args.batch_size))
+        for path, probabilities in zip(paths, torch.cat(batches), strict=True):
+            (first, second), (digit, runner_up) = (top.tolist() for top in probabilities.topk(2))
+            print(f"{path}: {digit} ({100 * first:.1f}%; next {runner_up} at {100 * second:.1f}%)")
+    return status
+
+
+def newest_best_checkpoint(logs: Path) -> Path | None:
+    """The best epoch's checkpoint of the newest run (the highest version_N) in logs that saved one."""
+    runs = [path for path in logs.glob("version_*") if path.name.removeprefix("version_").isdigit()]
+    for run in sorted(runs, key=lambda path: int(path.name.removeprefix("version_")), reverse=True):
+        best = list(run.glob("checkpoints/epoch=*-val_acc=*.ckpt"))  # named by build_trainer's `best`
+        if best:
+            return max(best, key=lambda path: float(re.search(r"val_acc=(\d+\.\d+)", path.name).group(1)))
+    return None
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Shared fixtures: a tiny, learnable MNIST written in the real IDX format.
 
 The files are read back through torchvision's own MNIST loader, so every test goes
-through the same code path as a real run; only the pictures are made up.
+through the same code path as a real run; only the pictures are made up. For --predict,
+an MNIST of digits drawn with a font, a run trained on it, and the forms in which a
+person's pictures of digits come.
 """
 
 import os
@@ -11,9 +13,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from PIL import Image, ImageDraw, ImageFont
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "lightning_mnist.py"
@@ -52,12 +56,12 @@ def make_digits(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def write_mnist(root: Path, train: int = TINY_TRAIN, test: int = TINY_TEST) -> Path:
+def write_mnist(root: Path, train: int = TINY_TRAIN, test: int = TINY_TEST, digits=make_digits) -> Path:
     """Write the four MNIST files under root/MNIST/raw, as torchvision expects them."""
     raw = root / "MNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     for prefix, count, seed in (("train", train, 0), ("t10k", test, 1)):
-        images, labels = make_digits(count, seed)
+        images, labels = digits(count, seed)
         write_idx_images(raw / f"{prefix}-images-idx3-ubyte", images)
         write_idx_labels(raw / f"{prefix}-labels-idx1-ubyte", labels)
     return root
@@ -69,13 +73,27 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("tiny_mnist"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def real_mnist() -> Path:
     """The real MNIST named by MNIST_DATA_DIR, or skip."""
     folder = os.environ.get("MNIST_DATA_DIR")
     if not folder or not all((Path(folder) / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
         pytest.skip("set MNIST_DATA_DIR to a folder holding MNIST/raw/ to run tests on real data")
     return Path(folder).resolve()
+
+
+@pytest.fixture(scope="session")
+def real_default_run(real_mnist, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`python lightning_mnist.py` with its defaults on the real MNIST: the folder it ran in, and its result."""
+    cwd = tmp_path_factory.mktemp("real_default_run")
+    return cwd, run_script("--data-dir", str(real_mnist), cwd=cwd, timeout=600)
+
+
+@pytest.fixture
+def four_gpus(monkeypatch):
+    """Make torch, and so Lightning, see four CUDA GPUs; enough to build a Trainer, not to train."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
 
 
 def run_script(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -125,3 +143,90 @@ def trainers_with(monkeypatch, *callbacks: pl.Callback) -> list[pl.Trainer]:
 
     monkeypatch.setattr(lightning_mnist, "build_trainer", build_with_callbacks)
     return trainers
+
+
+## Digits as people draw them, for --predict
+
+
+def drawn_digit(digit: int, generator: torch.Generator) -> Image.Image:
+    """A digit written with a font, light on black, of a random size, weight, slant and rotation."""
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * torch.rand((), generator=generator).item()
+
+    font = ImageFont.load_default(size=round(uniform(60, 90)))
+    canvas = Image.new("L", (160, 160))
+    weight = round(uniform(1, 5))
+    ImageDraw.Draw(canvas).text(
+        (80, 80), str(digit), fill=255, font=font, anchor="mm", stroke_width=weight, stroke_fill=255
+    )
+    slant = (1, uniform(-0.3, 0.3), 0, 0, 1, 0)
+    canvas = canvas.transform(canvas.size, Image.Transform.AFFINE, slant, resample=Image.Resampling.BILINEAR)
+    return canvas.rotate(uniform(-15, 15), resample=Image.Resampling.BILINEAR)
+
+
+def mnist_style(picture: Image.Image) -> torch.Tensor:
+    """A light-on-black drawing made into an MNIST image as MNIST's authors describe it: cropped, scaled
+    to fit 20x20 with its aspect ratio kept, and placed in 28x28 with its centre of mass at (14, 14).
+    Written apart from lightning_mnist.prepare_digit, with Pillow and numpy, so that it can check it."""
+    digit = picture.crop(picture.getbbox())
+    scale = 20 / max(digit.size)
+    digit = digit.resize([max(1, round(side * scale)) for side in digit.size], Image.Resampling.LANCZOS)
+    pixels = np.asarray(digit, dtype=np.float64)
+    row = (pixels.sum(axis=1) * np.arange(pixels.shape[0])).sum() / pixels.sum()
+    column = (pixels.sum(axis=0) * np.arange(pixels.shape[1])).sum() / pixels.sum()
+    image = Image.new("L", (28, 28))
+    image.paste(digit, (round(14 - column), round(14 - row)))
+    return torch.from_numpy(np.array(image))
+
+
+def make_drawn_digits(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST-style images of digits drawn with a font, each digit as often as the others."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(count) % 10
+    labels = labels[torch.randperm(count, generator=generator)]
+    images = torch.stack([mnist_style(drawn_digit(label, generator)) for label in labels.tolist()])
+    return images, labels
+
+
+@pytest.fixture(scope="session")
+def drawn_mnist(tmp_path_factory) -> Path:
+    """A data folder with an MNIST of font-drawn digits: 1,100 to train, 100 to validate, 200 to test."""
+    return write_mnist(tmp_path_factory.mktemp("drawn_mnist"), train=1200, test=200, digits=make_drawn_digits)
+
+
+@pytest.fixture(scope="session")
+def drawn_run(drawn_mnist, tmp_path_factory) -> Path:
+    """A folder in which `python lightning_mnist.py` has trained on the drawn digits: it holds lightning_logs."""
+    import lightning_mnist
+
+    cwd = tmp_path_factory.mktemp("drawn_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(cwd)
+        assert lightning_mnist.main(["--data-dir", str(drawn_mnist), "--max-epochs", "10"]) == 0
+    return cwd
+
+
+def digit_forms(image: torch.Tensor) -> dict[str, Image.Image]:
+    """An MNIST-style digit (28x28, light on black) as a person's pictures of digits come."""
+    light = Image.fromarray(image.numpy())
+    dark = Image.fromarray(255 - image.numpy())
+    # Dark on white, 4 times as large, off-centre on a page, in colour.
+    page = Image.new("RGB", (320, 240), "white")
+    page.paste(dark.resize((112, 112), Image.Resampling.BILINEAR), (30, 100))
+    # Black strokes on transparent pixels (which are black too), as drawing programs export them:
+    # only the alpha channel shows the digit.
+    strokes = Image.new("RGBA", (256, 256), (0, 0, 0, 0))
+    strokes.paste(
+        Image.new("RGBA", (140, 140), "black"), (100, 20), light.resize((140, 140), Image.Resampling.BILINEAR)
+    )
+    return {"light_on_dark.png": light, "dark_on_white_off_centre.jpg": page, "strokes_on_transparent.png": strokes}
+
+
+def write_digit_forms(image: torch.Tensor, folder: Path, name: str) -> dict[str, Path]:
+    """Write an MNIST-style digit in each form of digit_forms, as folder/NAME_FORM; the paths by form."""
+    paths = {}
+    for form, picture in digit_forms(image).items():
+        paths[form] = folder / f"{name}_{form}"
+        picture.save(paths[form])
+    return paths

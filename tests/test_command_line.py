@@ -57,13 +57,6 @@ def test_the_defaults_make_the_videos_trainer(in_tmp_path):
     assert trainer.logger.log_dir == str(in_tmp_path / "lightning_logs" / "version_0")
 
 
-@pytest.fixture
-def four_gpus(monkeypatch):
-    """Make torch, and so Lightning, see four CUDA GPUs; enough to build a Trainer, not to train."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-
-
 def test_gpus_n_is_the_videos_name_for_n_gpus(in_tmp_path, four_gpus):
     trainer = build_trainer(parse_args(["--gpus", "3"]))
     assert isinstance(trainer.accelerator, CUDAAccelerator) and trainer.device_ids == [0, 1, 2]
@@ -175,7 +168,7 @@ def test_help_lists_every_flag_with_its_default(capsys):
         "--fast-dev-run", "--max-epochs", "--gpus", "--accelerator", "--devices", "--strategy", "--num-nodes",
         "--precision", "--lr-find", "--deterministic", "--seed", "--gradient-clip-val", "--batch-size",
         "--hidden-size", "--lr", "--num-workers", "--data-dir", "--limit-train-batches", "--limit-val-batches",
-        "--ckpt-path",
+        "--ckpt-path", "--predict",
     ):  # fmt: skip
         assert re.search(rf"^  {flag}\b", out, re.MULTILINE), flag
     assert "(default: 2)" in out and "(default: ./data)" in out and "(default: 0.001)" in out

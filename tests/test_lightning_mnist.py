@@ -74,8 +74,8 @@ def test_no_tip_to_add_workers_on_a_machine_with_many_cores(tiny_mnist, tmp_path
 ## Real data
 
 
-def test_default_run_on_real_mnist_reaches_97_percent(real_mnist, tmp_path):
-    result = run_script("--data-dir", str(real_mnist), cwd=tmp_path, timeout=600)
+def test_default_run_on_real_mnist_reaches_97_percent(real_default_run):
+    _, result = real_default_run
     assert result.returncode == 0, result.stderr
     accuracy = reported_accuracy(result.stdout)
     print(f"real MNIST, default run: {accuracy:.2f}% test accuracy")
