@@ -17,6 +17,7 @@ import argparse
 import errno
 import gzip
 import logging
+import math
 import os
 import pickle
 import re
@@ -47,7 +48,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.datasets import MNIST
 from torchvision.datasets.mnist import read_image_file, read_label_file
-from torchvision.transforms.functional import pil_to_tensor
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
 # The video's hyperparameters; each is the default of a command-line flag below.
@@ -104,15 +105,14 @@ class LitNeuralNet(pl.LightningModule):
         logits = self(images)
         self.val_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
         self.val_acc.update(logits, labels)
-        self.log("val_acc", self.val_acc, prog_bar=True)
         return logits  # for callbacks such as ValidationPictures
 
     def on_validation_epoch_end(self) -> None:
         # Lightning 2.x removed the video's validation_epoch_end(outputs), which stacked every
-        # step's loss to average them: the MeanMetric has summed them as the steps ran.
-        # As in the video, the epoch's mean loss goes to the progress bar as val_loss and to
-        # TensorBoard as avg_val_loss.
-        self.log("val_loss", self.val_loss, prog_bar=True)
+        # step's loss to average them: the metrics have added up the steps as they ran, and
+        # Lightning computes them as they are logged. As in the video, the mean loss goes to the
+        # progress bar as val_loss and to TensorBoard as avg_val_loss.
+        self.log_dict({"val_loss": self.val_loss, "val_acc": self.val_acc}, prog_bar=True)
         self.log("avg_val_loss", self.val_loss)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -120,6 +120,8 @@ class LitNeuralNet(pl.LightningModule):
         logits = self(images)
         self.test_loss.update(F.cross_entropy(logits, labels), weight=len(labels))
         self.test_acc.update(logits, labels)
+
+    def on_test_epoch_end(self) -> None:
         self.log_dict({"test_loss": self.test_loss, "test_acc": self.test_acc})
 
     def predict_step(self, batch: torch.Tensor, batch_idx: int = 0) -> torch.Tensor:
@@ -130,7 +132,7 @@ class LitNeuralNet(pl.LightningModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # fused=True updates all the weights in one go: a step on a CPU is about a tenth faster.
         # TPUs have no fused Adam, and Lightning cannot clip (--gradient-clip-val) the gradients
-        # of a fused optimizer under mixed precision: there Adam runs unfused.
+        # of a fused optimizer under mixed precision, so a run that clips runs Adam unfused.
         fused = self.device.type != "xla" and not self.trainer.gradient_clip_val
         return torch.optim.Adam(self.parameters(), lr=self.hparams.learning_rate, fused=fused)
 
@@ -509,6 +511,38 @@ def confusion_picture(counts: torch.Tensor) -> torch.Tensor:
     return pil_to_tensor(picture)
 
 
+def lr_find_picture(rates: list[float], losses: list[float], suggestion: float | None) -> torch.Tensor:
+    """The learning-rate finder's loss against the learning rate, on a log scale, with its
+    suggestion as a red dot (what Lightning's lr_finder.plot draws, without matplotlib)."""
+    width, height, margin = 480, 320, 50
+    points = [(math.log10(rate), loss) for rate, loss in zip(rates, losses, strict=True) if math.isfinite(loss)]
+    (left, right), (low, high) = ((min(axis), max(axis)) for axis in zip(*points, strict=True))
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        across = (x - left) / ((right - left) or 1)
+        up = (y - low) / ((high - low) or 1)
+        return margin + across * (width - 1.5 * margin), height - margin - up * (height - 1.5 * margin)
+
+    font = ImageFont.load_default(size=12)
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.line([at(left, high), at(left, low), at(right, low)], fill="black")  # the axes
+    for power in range(math.ceil(left), math.floor(right) + 1):  # 1e-05, 1e-04, ...
+        x, y = at(power, low)
+        draw.line([(x, y), (x, y + 4)], fill="black")
+        draw.text((x, y + 6), f"1e{power}", fill="black", font=font, anchor="mt")
+    for loss in (low, high):
+        x, y = at(left, loss)
+        draw.text((x - 6, y), f"{loss:.2f}", fill="black", font=font, anchor="rm")
+    draw.text((width / 2, height - 14), "learning rate", fill="black", font=font, anchor="mm")
+    draw.text((margin, margin / 4), "loss", fill="black", font=font, anchor="lt")
+    draw.line([at(x, y) for x, y in points], fill=BLUE, width=2)
+    if suggestion is not None:
+        x, y = at(*min(points, key=lambda point: abs(point[0] - math.log10(suggestion))))
+        draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill="red")
+    return pil_to_tensor(picture)
+
+
 ## Runs: a folder of their own, checkpoints that survive a crash, the Trainer
 
 LOG_EVERY_N_STEPS = 10  # train_loss to TensorBoard and the progress bar: 110 points in a default run
@@ -567,7 +601,8 @@ class StopWhenDiverged(pl.Callback):
         # so all of them stop at the same step.
         if trainer.global_step % trainer.log_every_n_steps:
             return
-        if not torch.stack([parameter.isfinite().all() for parameter in pl_module.parameters()]).all():
+        # The sum of the weights is NaN or infinite when any weight is, and is a tenth as slow to check.
+        if not torch.stack([parameter.sum() for parameter in pl_module.parameters()]).isfinite().all():
             raise RunError(
                 f"the weights became NaN or infinite by step {trainer.global_step} (the training loss was "
                 f"{outputs['loss'].item():.3g}): the model diverged, and its accuracy would mean nothing. "
@@ -605,9 +640,12 @@ class StopOnSignal(pl.Callback):
         self.signal = signal.Signals(signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.world_size > 1 and trainer.global_step % trainer.log_every_n_steps:
-            return  # under DDP, agreeing costs a message between the processes: every 10 steps
-        if trainer.strategy.reduce_boolean_decision(self.signal is not None, all=False):
+        stop = self.signal is not None
+        if trainer.world_size > 1:  # the processes agree, at a message between them: every 10 steps
+            if trainer.global_step % trainer.log_every_n_steps:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
             raise SIGTERMException  # Lightning's own: it saves last.ckpt, then passes it on to main()
 
 
@@ -1014,14 +1052,10 @@ def find_learning_rate(trainer: pl.Trainer, model: LitNeuralNet) -> None:
     suggestion = lr_finder.suggestion()
     if suggestion is not None:
         print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.")
-    if trainer.logger:
-        from matplotlib.figure import Figure  # here alone: matplotlib takes a while to import
-
-        # The loss at each learning rate tried, the suggestion marked with a red dot.
-        figure = Figure()
-        lr_finder.plot(suggest=True, ax=figure.add_subplot())
-        figure.savefig(Path(trainer.logger.log_dir, "lr_find.png"))
-        trainer.logger.experiment.add_figure("lr_find", figure)
+    if trainer.logger and len(lr_finder.results["lr"]) > 1:
+        picture = lr_find_picture(lr_finder.results["lr"], lr_finder.results["loss"], suggestion)
+        to_pil_image(picture).save(Path(trainer.logger.log_dir, "lr_find.png"))
+        trainer.logger.experiment.add_image("lr_find", picture, 0)
 
 
 def checkpoint_to_test(trainer: pl.Trainer, args: argparse.Namespace) -> str | None:

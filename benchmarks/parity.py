@@ -1,19 +1,21 @@
 """How fast is lightning_mnist.py next to plain PyTorch and next to the video's pipeline?
 
 Two modes, both round-robin so that slow and fast moments of a noisy machine fall on
-every variant alike; each prints per-variant medians and the median of the per-round
-ratios to the hand-written loop.
+every variant alike; each prints per-variant medians and the medians of the per-round
+ratios to the baselines.
 
     python benchmarks/parity.py epoch --data-dir DIR [--device cpu|cuda] [--rounds 7]
     python benchmarks/parity.py process --data-dir DIR [--device cpu|cuda] [--rounds 7]
 
 epoch: one epoch (training, then validation) of
-    a. raw       a hand-written loop: same model, optimizer and batches; the floor
-    b. lightning LitNeuralNet under the Trainer that `python lightning_mnist.py` builds
-                 (progress bar, TensorBoard logging and checkpointing on), timed from the
-                 start of its training epoch to the end of it, validation included
-    c. video     the video's pipeline: torchvision's MNIST with transforms.ToTensor()
+    a. raw       a hand-written loop: same model, optimizer and batches
+    b. floor     LitNeuralNet under Trainer(barebones=True): Lightning's own loop with no
+                 logging, progress bar or checkpoints, the least Lightning can cost
+    c. lightning LitNeuralNet under the Trainer that `python lightning_mnist.py` builds
+                 (progress bar, TensorBoard logging, pictures and checkpointing on)
+    d. video     the video's pipeline: torchvision's MNIST with transforms.ToTensor()
                  through a DataLoader with num_workers=4, same model and loop as a
+    b and c are timed from the start of the training epoch to its end, validation included.
 process: whole processes, start to exit: `python lightning_mnist.py` with its
     defaults against `python benchmarks/plain_mnist.py`, the same job (2 epochs,
     validation each epoch, test with the best weights) written as a plain script.
@@ -75,8 +77,17 @@ class EpochTimer(pl.Callback):
         self.seconds = time.perf_counter() - self.start
 
 
+def time_floor(data_dir: str, device: torch.device) -> float:
+    """b: one epoch of the same LitNeuralNet under Lightning's barebones Trainer."""
+    timer = EpochTimer()
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    trainer = pl.Trainer(barebones=True, max_epochs=1, accelerator=accelerator, devices=1, callbacks=[timer])
+    trainer.fit(LitNeuralNet(data_dir=data_dir))
+    return timer.seconds
+
+
 def time_lightning(data_dir: str, device: torch.device) -> float:
-    """b: one epoch under exactly the Trainer that the command line builds."""
+    """c: one epoch under exactly the Trainer that the command line builds."""
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     args = lightning_mnist.parse_args(["--data-dir", data_dir, "--max-epochs", "1", "--accelerator", accelerator])
     trainer = lightning_mnist.build_trainer(args)
@@ -87,7 +98,7 @@ def time_lightning(data_dir: str, device: torch.device) -> float:
 
 
 def time_video(data_dir: str, device: torch.device) -> float:
-    """c: the video's data pipeline (a PIL image per sample, ToTensor, 4 workers), loop a."""
+    """d: the video's data pipeline (a PIL image per sample, ToTensor, 4 workers), loop a."""
     from torch.utils.data import DataLoader, Subset
     from torchvision import datasets, transforms
 
@@ -115,12 +126,20 @@ def time_video(data_dir: str, device: torch.device) -> float:
 ## Reporting
 
 
-def report(times: dict[str, list[float]], baseline: str, unit: str) -> None:
-    print(f"\n{'variant':<12}{'median ' + unit:>16}{'ratio to ' + baseline:>20}   rounds")
+def report(times: dict[str, list[float]], baselines: list[str], unit: str) -> None:
+    """Each variant's median, and the medians of its per-round ratios to each baseline."""
+    print(
+        f"\n{'variant':<12}{'median ' + unit:>16}" + "".join(f"{'/ ' + name:>12}" for name in baselines) + "   rounds"
+    )
     for name, values in times.items():
-        ratios = [value / base for value, base in zip(values, times[baseline], strict=True)]
+        ratios = [
+            statistics.median(value / base for value, base in zip(values, times[baseline], strict=True))
+            for baseline in baselines
+        ]
         print(
-            f"{name:<12}{statistics.median(values):>16.3f}{statistics.median(ratios):>20.3f}   "
+            f"{name:<12}{statistics.median(values):>16.3f}"
+            + "".join(f"{ratio:>12.3f}" for ratio in ratios)
+            + "   "
             + " ".join(f"{value:.2f}" for value in values)
         )
 
@@ -130,11 +149,12 @@ def epoch_mode(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
     data_dir = str(Path(args.data_dir).resolve())  # the rounds run in a temp folder
     data = load_splits(data_dir, device)
-    times = {"raw": [], "lightning": [], "video": []}
+    times = {"raw": [], "floor": [], "lightning": [], "video": []}
     with tempfile.TemporaryDirectory() as workdir:
         os.chdir(workdir)  # lightning_logs of the rounds go to a temp folder
         for round_ in range(args.rounds):
             times["raw"].append(time_raw(data, device))
+            times["floor"].append(time_floor(data_dir, device))
             times["lightning"].append(time_lightning(data_dir, device))
             times["video"].append(time_video(data_dir, device))
             print(
@@ -142,7 +162,7 @@ def epoch_mode(args: argparse.Namespace) -> None:
                 + ", ".join(f"{name} {values[-1]:.3f} s" for name, values in times.items()),
                 file=sys.stderr,
             )
-    report(times, "raw", "s/epoch")
+    report(times, ["raw", "floor"], "s/epoch")
     lightning, video = times["lightning"], times["video"]
     print(
         f"\nvideo / lightning, median of per-round ratios: {statistics.median(v / b for v, b in zip(video, lightning, strict=True)):.2f}"
@@ -169,7 +189,7 @@ def process_mode(args: argparse.Namespace) -> None:
                 f"round {round_ + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
                 file=sys.stderr,
             )
-    report(times, "plain", "s/process")
+    report(times, ["plain"], "s/process")
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ def test_parity_epoch_mode_times_all_three_variants(tiny_mnist, tmp_path):
     data_dir = os.path.relpath(tiny_mnist, tmp_path)  # relative, as users type it; the rounds run elsewhere
     result = run_benchmark("parity.py", "epoch", "--data-dir", data_dir, "--rounds", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    for variant in ("raw", "lightning", "video"):
-        assert re.search(rf"^{variant} +\d+\.\d+ +\d+\.\d+", result.stdout, re.MULTILINE), result.stdout
+    for variant in ("raw", "floor", "lightning", "video"):  # the median, and the ratios to raw and to floor
+        assert re.search(rf"^{variant} +\d+\.\d+ +\d+\.\d+ +\d+\.\d+ ", result.stdout, re.MULTILINE), result.stdout
     assert re.search(r"^video / lightning, median of per-round ratios: \d+\.\d\d$", result.stdout, re.MULTILINE)
     assert not list(tmp_path.iterdir())  # the rounds' lightning_logs went to a temp folder
 
