@@ -89,6 +89,21 @@ def test_the_videos_precision_16_is_16_mixed_or_on_a_cpu_bf16_mixed(tiny_mnist, 
     assert trainers[0].precision == ("16-mixed" if torch.cuda.is_available() else "bf16-mixed")
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true", "bf16-mixed"])
+def test_a_run_in_every_precision_the_cpu_has(precision, tiny_mnist, in_tmp_path, monkeypatch):
+    trainers = trainers_with(monkeypatch)
+    assert (
+        main(
+            ["--data-dir", str(tiny_mnist), "--max-epochs", "1", "--limit-train-batches", "2", "--precision", precision]
+        )
+        == 0
+    )
+    (trainer,) = trainers
+    assert trainer.precision == precision
+    dtype = {"bf16-true": torch.bfloat16, "64-true": torch.float64}.get(precision, torch.float32)
+    assert trainer.lightning_module.l1.weight.dtype == dtype  # and the model summary's example image too
+
+
 ## Refusals: one line that says what is wrong
 
 
