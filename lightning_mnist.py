@@ -39,6 +39,7 @@ from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch import nn
+from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
@@ -649,7 +650,9 @@ class StopOnSignal(pl.Callback):
                 return
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop:
-            raise SIGTERMException  # Lightning's own: it saves last.ckpt, then passes it on to main()
+            # Lightning's own exception: it saves last.ckpt, then passes it on to main(). Its exit
+            # status says which signal it was, to the main process of --strategy ddp_spawn.
+            raise SIGTERMException(128 + self.signal if self.signal else None)
 
 
 @rank_zero_only
@@ -1021,7 +1024,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         stopped_by = noted_signal(trainer) or (signal.SIGTERM if isinstance(stop, SIGTERMException) else signal.SIGINT)
         return report_interruption(stopped_by, trainer, folder, phase, args, argv)
+    except ProcessExitedException as stop:  # --strategy ddp_spawn: its processes stopped as above, or died
+        if stop.exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            stopped_by = signal.Signals(stop.exit_code - 128)
+            return report_interruption(stopped_by, trainer, folder, phase, args, argv, spawned=True)
+        how = stop.signal_name or f"exit status {stop.exit_code}"
+        return report_problem(
+            RunError(
+                f"a training process of --strategy ddp_spawn ended with {how}, as they can when interrupted: "
+                "the checkpoints saved before are whole. --strategy ddp stops more cleanly."
+            ),
+            after_progress_bar=True,
+        )
     except Exception as error:
+        error = spawned_problem(error) if isinstance(error, ProcessRaisedException) else error
         if not is_problem(error):
             raise  # a bug of this script, whose traceback says where
         discard_unused_run_folder(folder)
@@ -1094,17 +1110,30 @@ def report_results(
 
 
 def report_interruption(
-    stopped_by: signal.Signals, trainer: pl.Trainer | None, folder: Path | None, phase: str, args, argv: list[str]
+    stopped_by: signal.Signals,
+    trainer: pl.Trainer | None,
+    folder: Path | None,
+    phase: str,
+    args: argparse.Namespace,
+    argv: list[str],
+    spawned: bool = False,
 ) -> int:
     """Say where Ctrl-C or SIGTERM stopped the run and how to continue it; the exit status is
     128 + the signal's number, what a shell or a scheduler reports for a process it stopped."""
     if rank_zero_only.rank != 0:
         return 128 + stopped_by
+    last = folder / "checkpoints" / "last.ckpt" if folder else None  # build_trainer's `last`
+    if spawned and last and last.is_file():
+        # Under --strategy ddp_spawn other processes trained; the checkpoint they saved says how far.
+        saved = torch.load(last, map_location="cpu", weights_only=True)
+        epoch, step = saved["epoch"], saved["global_step"]
+    else:
+        epoch, step = (trainer.current_epoch, trainer.global_step) if trainer else (0, 0)
     where = {
         "set-up": "before training started",
         "the learning-rate finder": "during the learning-rate finder, before training",
-        "training": f"in epoch {trainer.current_epoch} at step {trainer.global_step}"
-        if trainer and trainer.global_step
+        "training": f"in epoch {epoch} at step {step}"
+        if step
         else "before training went on"
         if args.ckpt_path
         else "before the first training step",
@@ -1112,7 +1141,6 @@ def report_interruption(
         "the final test": "during the final test, after training had finished",
         "prediction": "while predicting",
     }[phase]
-    last = folder / "checkpoints" / "last.ckpt" if folder else None  # build_trainer's `last`
     if phase == "prediction":
         then = "Run the same command again."
     elif last and last.is_file():
@@ -1134,6 +1162,15 @@ def _resume_command(argv: list[str], checkpoint: str | Path) -> str:
             flags.append(arg)
         after_ckpt_path = arg == "--ckpt-path"
     return shlex.join(["python", sys.argv[0], *flags, "--ckpt-path", str(checkpoint)])
+
+
+def spawned_problem(error: ProcessRaisedException) -> Exception:
+    """The RunError or Lightning's refusal in a process of --strategy ddp_spawn, which arrives
+    here as its traceback's text; the error itself when it is something else."""
+    kind, _, message = str(error).strip().splitlines()[-1].partition(": ")
+    if kind.endswith((".RunError", ".MisconfigurationException")):
+        return RunError(message)
+    return error
 
 
 def is_problem(error: Exception) -> bool:

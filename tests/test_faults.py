@@ -466,6 +466,19 @@ def test_ddp_spawn_keeps_one_run_in_one_folder(tiny_mnist, tmp_path):
     assert list((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
 
 
+def test_under_ddp_spawn_an_error_in_a_training_process_is_one_line(tiny_mnist, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_mnist, data)
+    images = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    images.write_bytes(b"")
+    result = run_script("--data-dir", str(data), "--accelerator", "cpu", "--devices", "2",
+                        "--strategy", "ddp_spawn", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert re.findall(r"^error: .*$", result.stderr, re.MULTILINE) == [
+        f"error: {images} is empty. Replace it with an intact copy, or delete it to download MNIST again."
+    ]
+
+
 def test_the_lightning_mnist_module_sees_no_leftover_handler(tiny_mnist, workdir):
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     assert main(["--data-dir", str(tiny_mnist), "--fast-dev-run"]) == 0
