@@ -20,11 +20,31 @@ import os
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def working_folder_problem() -> str | None:
+    """What is wrong with the working folder, where runs are kept: gone, or unreadable; None if nothing."""
+    try:
+        folder = os.getcwd()
+    except FileNotFoundError:  # deleted since the shell went into it, which PWD still names
+        return f"the working folder {os.environ.get('PWD', '')} no longer exists: cd into a folder that does."
+    try:
+        os.listdir(folder)
+    except OSError as error:
+        return f"the working folder {folder} cannot be read ({error.strerror}): cd into a folder you can read."
+    return None
+
+
+# In a deleted working folder, `import torch` kills the process with "Intel oneMKL FATAL ERROR:
+# Cannot load libtorch_cpu.so", which names nothing: a command-line run checks before importing it.
+if __name__ == "__main__" and working_folder_problem():
+    sys.exit(f"error: {working_folder_problem()}")
 
 import pytorch_lightning as pl
 import torch
@@ -38,13 +58,13 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.datasets import MNIST
-from torchvision.datasets.mnist import read_image_file, read_label_file
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 from torchvision.utils import draw_bounding_boxes, make_grid
 
@@ -235,8 +255,24 @@ def mnist_loader(dataset: MNISTTensors, batch_size: int, num_workers: int, shuff
 
 
 MNIST_FILES = [Path(archive).stem for archive, _ in MNIST.resources]  # train-images-idx3-ubyte, ...
-IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # unsigned bytes in 3 or 1 dimensions
-GZIP_MAGIC = 0x1F8B
+IDX_MAGIC = {"images": bytes.fromhex("00000803"), "labels": bytes.fromhex("00000801")}  # unsigned bytes, 3 or 1 dims
+GZIP_MAGIC = bytes.fromhex("1f8b")
+REPLACE_MNIST_FILE = "Replace it with an intact copy, or delete it to download MNIST again."
+NOT_A_FILE = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
+              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFLNK: "a link"}  # fmt: skip
+
+
+def open_regular(path: str | Path, advice: str):
+    """A file opened for reading, or a RunError when path is not a regular file (a FIFO, a device,
+    a socket, a folder), whose reading could wait forever or never end; advice says what to do."""
+    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer. It changes nothing for a regular
+    # file, and checking the file opened, not the path, leaves no moment for it to be swapped.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a missing file is an OSError, which names it
+    kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+    if kind != stat.S_IFREG:
+        os.close(descriptor)
+        raise RunError(f"{shown(path)} is {NOT_A_FILE.get(kind, 'not a regular file')}, not a file. {advice}")
+    return os.fdopen(descriptor, "rb")
 
 
 def download_mnist(data_dir: str) -> None:
@@ -247,8 +283,8 @@ def download_mnist(data_dir: str) -> None:
     for name in MNIST_FILES:
         # torchvision unpacks only archives byte-identical to the official ones, and tries to
         # download the others again, so a user's own .gz copies are unpacked here.
-        if not (raw / name).exists() and (raw / f"{name}.gz").is_file():
-            gunzip(raw / f"{name}.gz", raw / name)
+        if not (raw / name).exists() and (raw / f"{name}.gz").exists():
+            gunzip(raw / f"{name}.gz", raw / name, "images" if "-images-" in name else "labels")
         if not (raw / name).exists():
             missing.append(name)
     if not missing:
@@ -260,45 +296,72 @@ def download_mnist(data_dir: str) -> None:
         cause = str(error).strip().splitlines()[-1]  # torchvision's message lists each address it tried
         names = " and ".join([", ".join(missing[:-1]), missing[-1]] if len(missing) > 1 else missing)
         raise RunError(
-            f"{names} {'is' if len(missing) == 1 else 'are'} not in {raw} and could not be "
+            f"{names} {'is' if len(missing) == 1 else 'are'} not in {shown(raw)} and could not be "
             f"downloaded ({cause}). Put {'it' if len(missing) == 1 else 'them'} there (each may be .gz), "
             "or point --data-dir at the folder that holds MNIST/raw/."
         ) from error
 
 
-def gunzip(archive: Path, target: Path) -> None:
-    """Unpack a .gz file beside it, or say what is wrong with it."""
-    packed = archive.read_bytes()
+def gunzip(archive: Path, target: Path, kind: str) -> None:
+    """Unpack a .gz file of MNIST images or labels beside it, or say what is wrong with it."""
+    with open_regular(archive, REPLACE_MNIST_FILE) as file:
+        packed = file.read()
     try:
         unpacked = gzip.decompress(packed)
     except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, damaged
         raise RunError(
-            f"{archive} could not be unpacked ({error}): replace it with an intact copy, or delete it to download it."
+            f"{shown(archive)} could not be unpacked ({error}): replace it with an intact copy, "
+            "or delete it to download it."
         ) from error
+    # Checked before it is unpacked: an error about the unpacked file would send the user to
+    # delete it, and it would be unpacked again from the same .gz.
+    problem = idx_problem(unpacked, kind)
+    if problem:
+        raise RunError(
+            f"{shown(archive)} holds {len(unpacked):,} bytes that are not an MNIST {kind} file: unpacked, "
+            f"it {problem}. {REPLACE_MNIST_FILE}"
+        )
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     temporary.write_bytes(unpacked)
     temporary.replace(target)  # whole or not at all
 
 
+def idx_problem(content: bytes, kind: str) -> str | None:
+    """What keeps content from being an MNIST file of images or labels, said of it ("is empty"); None if nothing.
+
+    An IDX file is a magic number that gives the type and number of dimensions, each dimension's
+    size as a 4-byte integer, and then the values, one byte each: its size follows from its header."""
+    magic = IDX_MAGIC[kind]
+    header = 4 + 4 * magic[3]  # the magic number's last byte is the number of dimensions
+    if not content:
+        return "is empty"
+    if content[:2] == GZIP_MAGIC:
+        return "is packed with gzip: unpack it, or give it a name that ends in .gz"
+    if not magic.startswith(content[:4]):
+        return f"starts with 0x{content[:4].hex()}, where MNIST {kind} files start with 0x{magic.hex()}"
+    if len(content) < header:
+        return f"is {len(content):,} bytes, too few for the {header}-byte header of an MNIST {kind} file"
+    sizes = [int.from_bytes(content[start : start + 4], "big") for start in range(4, header, 4)]
+    if sizes[0] == 0:
+        return f"holds no {kind}"
+    promised = header + math.prod(sizes)
+    if len(content) != promised:
+        return f"is {len(content):,} bytes, where its header promises {promised:,}"
+    return None
+
+
 def read_idx(path: Path, kind: str) -> torch.Tensor:
-    """One MNIST file, read by torchvision, or a RunError that names the file and what is wrong with it."""
-    with open(path, "rb") as file:  # a missing file is an OSError, which names it
-        header = file.read(8)
-    magic, count = int.from_bytes(header[:4], "big"), int.from_bytes(header[4:], "big")
-    if len(header) < 8:
-        problem = "is empty" if not header else "is cut short"
-    elif magic >> 16 == GZIP_MAGIC:
-        problem = f"is still packed with gzip: name it {path.name}.gz, or unpack it"
-    elif magic != IDX_MAGIC[kind]:
-        problem = f"starts with {magic:#010x}, where MNIST {kind} files start with {IDX_MAGIC[kind]:#010x}"
-    elif count == 0:
-        problem = f"holds no {kind}"
-    else:
-        try:
-            return (read_image_file if kind == "images" else read_label_file)(str(path))
-        except (RuntimeError, ValueError, TypeError) as error:  # how torchvision reports a file cut short
-            problem = f"could not be read ({type(error).__name__}: {error}); it may be cut short"
-    raise RunError(f"{path} {problem}. Replace it with an intact copy, or delete it to download MNIST again.")
+    """One MNIST file as a uint8 tensor of (N, rows, columns) images or (N,) labels, or a RunError
+    that names the file and what is wrong with it."""
+    with open_regular(path, REPLACE_MNIST_FILE) as file:
+        content = bytearray(file.read())  # writable, as torch.frombuffer wants it
+    problem = idx_problem(content, kind)
+    if problem:
+        raise RunError(f"{shown(path)} {problem}. {REPLACE_MNIST_FILE}")
+    # Read here rather than by torchvision's reader, whose errors name neither the file nor the size it expected.
+    header = 4 + 4 * content[3]
+    sizes = [int.from_bytes(content[start : start + 4], "big") for start in range(4, header, 4)]
+    return torch.frombuffer(content, dtype=torch.uint8, offset=header).view(sizes)
 
 
 def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
@@ -311,13 +374,15 @@ def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
     # wrong ones would otherwise fail in the middle of training, far from the cause.
     if images.shape[1:] != (28, 28):
         height, width = images.shape[1:]
-        raise RunError(f"{images_file} holds {height}x{width} images; MNIST images are 28x28.")
+        raise RunError(f"{shown(images_file)} holds {height}x{width} images; MNIST images are 28x28.")
     if len(labels) != len(images):
-        raise RunError(f"{labels_file} holds {len(labels)} labels for the {len(images)} images in {images_file}.")
+        raise RunError(
+            f"{shown(labels_file)} holds {len(labels)} labels for the {len(images)} images in {shown(images_file)}."
+        )
     if len(labels) == 0:
-        raise RunError(f"{images_file} holds no images.")
+        raise RunError(f"{shown(images_file)} holds no images.")
     if (labels >= NUM_CLASSES).any():
-        raise RunError(f"{labels_file} holds labels up to {labels.max()}; MNIST labels are 0-{NUM_CLASSES - 1}.")
+        raise RunError(f"{shown(labels_file)} holds labels up to {labels.max()}; MNIST labels are 0-{NUM_CLASSES - 1}.")
     return MNISTTensors(images, labels)
 
 
@@ -328,7 +393,7 @@ def load_mnist_train_and_val(data_dir: str) -> tuple[MNISTTensors, MNISTTensors]
     val_size = round(len(full) * VAL_FRACTION)
     if not 0 < val_size < len(full):
         raise RunError(
-            f"the training file in {Path(data_dir, 'MNIST', 'raw')} holds {len(full)} images: too few to hold "
+            f"the training file in {shown(Path(data_dir, 'MNIST', 'raw'))} holds {len(full)} images: too few to hold "
             "1 in 12 of them out for validation and train on the rest."
         )
     val_index, train_index = order.split([val_size, len(full) - val_size])
@@ -561,6 +626,10 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+# Lightning's advice about a run's settings (fewer batches than the logging interval, a run
+# resumed in the middle of an epoch) is shown, and never made an error by PYTHONWARNINGS=error:
+# a run is not stopped for advice. Any other warning made an error ends in one `error:` line.
+warnings.filterwarnings("default", category=PossibleUserWarning)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -575,25 +644,50 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(temporary, "wb") as file:
-                torch.save(checkpoint, file)
+                writer = OSErrorKeeper(file)
+                try:
+                    torch.save(checkpoint, writer)
+                except RuntimeError as error:  # torch's own words for a failed write, which lose the OS's reason
+                    if writer.error is None:
+                        raise
+                    raise writer.error from error
                 file.flush()
                 os.fsync(file.fileno())
             temporary.replace(path)
         except BaseException as error:
             temporary.unlink(missing_ok=True)  # whatever stopped the write, the checkpoint before stays whole
-            if not isinstance(error, (OSError, RuntimeError)):  # torch reports a short write as a RuntimeError
+            if not isinstance(error, OSError):
                 raise
-            reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write stopped short"
-            free = shutil.disk_usage(path.parent).free / 2**20
+            # The OS's own reason (a full disk, a file-size limit, a quota, a read-only disk, ...).
+            reason = error.strerror or str(error)
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                reason += f", with {shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free on its disk"
             raise RunError(
-                f"could not write the checkpoint {path}: {reason}, with {free:.1f} MiB free on its disk. "
-                "The checkpoints written before are whole."
+                f"could not write the checkpoint {shown(path)}: {reason}. The checkpoints written before are whole."
             ) from error
         folder = os.open(path.parent, os.O_RDONLY)  # and the rename too, before the next save removes an old file
         try:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+class OSErrorKeeper:
+    """A file for torch.save that keeps the OSError of a failed write: torch raises a RuntimeError
+    of its own instead ("PytorchStreamWriter failed writing file"), without the OS's reason."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
 
 
 class StopWhenDiverged(pl.Callback):
@@ -806,7 +900,7 @@ CHECKPOINT_FLAGS = [("hidden_size", "--hidden-size", HIDDEN_SIZE), ("learning_ra
 def read_checkpoint(path: str) -> dict:
     """The hyperparameters of a checkpoint of this script, or a RunError that says what the file is instead."""
     advice = "give --ckpt-path a last.ckpt or best checkpoint of a run of this script."
-    with open(path, "rb") as file:
+    with open_regular(path, advice.capitalize()) as file:
         start = file.read(4)
     if start != b"PK\x03\x04":  # torch.save writes a zip archive
         raise RunError(f"{path} {'is empty' if not start else 'is not a PyTorch checkpoint'}: {advice}")
@@ -997,6 +1091,10 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_sigterm)
     try:
+        check_streams()
+        problem = working_folder_problem()
+        if problem:
+            raise RunError(problem)
         if args.predict:
             phase = "prediction"
             return predict(args)
@@ -1102,11 +1200,13 @@ def report_results(
         metrics = {"hp/test_acc": test_acc} | ({"hp/val_acc": val_acc.item()} if val_acc is not None else {})
         trainer.logger.log_hyperparams(config, metrics)
         trainer.logger.finalize("success")  # writes them out; Lightning finalized the logger after the test
-    print(f"Test accuracy: {100 * test_acc:.2f}%")
-    print(f"Best checkpoint: {tested or '(none: no epoch was validated and saved; tested the last weights)'}")
+    answer(f"Test accuracy: {100 * test_acc:.2f}%")
+    answer(
+        f"Best checkpoint: {shown(tested) if tested else '(none: no epoch was validated and saved; tested the last weights)'}"
+    )
     if trainer.logger:
-        print(f"Run folder: {trainer.logger.log_dir}")
-        print(f"Open it in TensorBoard: tensorboard --logdir {shlex.quote(trainer.logger.log_dir)}")
+        answer(f"Run folder: {shown(trainer.logger.log_dir)}")
+        answer(f"Open it in TensorBoard: tensorboard --logdir {shown(shlex.quote(trainer.logger.log_dir))}")
 
 
 def report_interruption(
@@ -1178,6 +1278,8 @@ def is_problem(error: Exception) -> bool:
     Lightning refuses, which end a run with one `error:` line, rather than a bug of this script."""
     if isinstance(error, (RunError, MisconfigurationException, OSError, torch.OutOfMemoryError, dist.DistError)):
         return True
+    if isinstance(error, Warning):  # made an error by PYTHONWARNINGS=error or python -W error
+        return True
     return type(error) is RuntimeError and "can't allocate memory" in str(error)  # torch's, for the CPU
 
 
@@ -1192,18 +1294,65 @@ def report_problem(error: BaseException, after_progress_bar: bool = False) -> in
     elif isinstance(error, OSError) and error.strerror:
         advice = {errno.ENOSPC: " Free some space.", errno.EACCES: " Run it in a folder you can write to.",
                   errno.EROFS: " Run it in a folder you can write to."}.get(error.errno, "")  # fmt: skip
-        message = f"{error.strerror}: {error.filename}.{advice}" if error.filename else f"{error}.{advice}"
+        message = f"{error.strerror}: {shown(error.filename)}.{advice}" if error.filename else f"{error}.{advice}"
     elif type(error) is RuntimeError:
         message = f"not enough memory ({error}): use a smaller --batch-size or --hidden-size."
+    elif isinstance(error, Warning):
+        message = (
+            f"{type(error).__name__}: {error} (a warning, which PYTHONWARNINGS=error or python -W error "
+            "makes an error: leave that setting out to see it as a warning)"
+        )
     else:
         message = str(error)
     if rank_zero_only.rank == 0:
         if after_progress_bar:  # which ends without a newline
             print(file=sys.stderr)
-        print(
-            "error:", " ".join(line.strip() for line in message.splitlines()), file=sys.stderr
-        )  # messages of torch and Lightning span lines
+        message = " ".join(line.strip() for line in message.splitlines())  # messages of torch and Lightning span lines
+        print("error:", shown(message, keep_backslashes=True), file=sys.stderr)
     return 1
+
+
+def shown(text: str | Path, keep_backslashes: bool = False) -> str:
+    """text, a file name say, as one line that stdout and stderr can print: control characters
+    (a newline) and what their encoding cannot hold (bytes of a name that are not UTF-8) as
+    backslash escapes, and a backslash as two, so that no two names print the same way."""
+    text = str(text)
+    if not keep_backslashes:  # a message whose paths are shown already
+        text = text.replace("\\", "\\\\")
+    # Python hands over the bytes of a name that are not text as lone surrogates, \udcff for the byte \xff.
+    text = "".join(
+        (f"\\x{ord(character) - 0xDC00:02x}" if 0xDC80 <= ord(character) <= 0xDCFF else ascii(character)[1:-1])
+        if not character.isprintable()
+        else character
+        for character in text
+    )
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "utf-8"
+        text = text.encode(encoding, "backslashreplace").decode(encoding)
+    return text
+
+
+def answer(line: str) -> None:
+    """Print a result on stdout, or raise a RunError when it cannot be written there (a closed pipe, a full disk)."""
+    try:
+        print(line, flush=True)
+    except OSError as error:
+        # Python would try to write it once more as it exits, and print a complaint of its own.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise RunError(f"the results could not be written to stdout ({error.strerror}).") from error
+
+
+def check_streams() -> None:
+    """Refuse to start when stdout is closed (`>&-`), where the results would be lost; when stderr
+    is closed, send its messages nowhere rather than to stdout, where print would put them."""
+    if sys.stderr is None:  # Python's, for a stream closed when it started
+        try:
+            os.fstat(2)
+        except OSError:  # and keep it from being a file the run opens, which the messages of C libraries would go into
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open for as long as the process runs)
+    if sys.stdout is None:
+        raise RunError("stdout is closed, and the results would be lost: send it to a file, or to /dev/null.")
 
 
 ## Use the trained model
@@ -1221,7 +1370,7 @@ def predict(args: argparse.Namespace) -> int:
     read_checkpoint(checkpoint)  # one line for a damaged file or another model's, never torch's own words
     model = LitNeuralNet.load_from_checkpoint(checkpoint, map_location="cpu")
     # stdout holds one line per picture, for grep and friends; the rest goes to stderr.
-    print(f"Checkpoint: {checkpoint}", file=sys.stderr)
+    print(f"Checkpoint: {shown(checkpoint)}", file=sys.stderr)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no banners about GPUs between the lines
     accelerator, devices = ("gpu", args.gpus) if args.gpus else (args.accelerator, args.devices)
     trainer = lightning_trainer(
@@ -1243,12 +1392,12 @@ def predict(args: argparse.Namespace) -> int:
             images.append(prepare_digit(path))
             paths.append(path)
         except PictureError as error:  # say which, and go on with the others
-            status = report_problem(RunError(f"{path}: {error}"))
+            status = report_problem(RunError(f"{shown(path)}: {error}"))
     if images:
         batches = trainer.predict(model, DataLoader(torch.stack(images), batch_size=args.batch_size))
         for path, probabilities in zip(paths, torch.cat(batches), strict=True):
             (first, second), (digit, runner_up) = (top.tolist() for top in probabilities.topk(2))
-            print(f"{path}: {digit} ({100 * first:.1f}%; next {runner_up} at {100 * second:.1f}%)")
+            answer(f"{shown(path)}: {digit} ({100 * first:.1f}%; next {runner_up} at {100 * second:.1f}%)")
     return status
 
 

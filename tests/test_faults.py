@@ -146,7 +146,10 @@ def test_a_folder_where_an_mnist_file_belongs_is_named(tiny_mnist, workdir, caps
     file.unlink()
     file.mkdir()
     error = fails(capsys, "--data-dir", str(data))
-    assert error == f"error: Is a directory: {file}."
+    assert (
+        error
+        == f"error: {file} is a folder, not a file. Replace it with an intact copy, or delete it to download MNIST again."
+    )
 
 
 class FullDisk:
