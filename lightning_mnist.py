@@ -265,14 +265,17 @@ NOT_A_FILE = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe (FIFO)", sta
 def open_regular(path: str | Path, advice: str):
     """A file opened for reading, or a RunError when path is not a regular file (a FIFO, a device,
     a socket, a folder), whose reading could wait forever or never end; advice says what to do."""
-    # O_NONBLOCK: opening a FIFO would otherwise wait for a writer. It changes nothing for a regular
-    # file, and checking the file opened, not the path, leaves no moment for it to be swapped.
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a missing file is an OSError, which names it
-    kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
-    if kind != stat.S_IFREG:
+    # Checked before it is opened, since opening a FIFO waits for a writer and opening a socket
+    # fails, and again once open (O_NONBLOCK changes nothing for a regular file), in case the
+    # path was swapped in between. A missing file is an OSError, which names it.
+    kind = stat.S_IFMT(os.stat(path).st_mode)
+    if kind == stat.S_IFREG:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        kind = stat.S_IFMT(os.fstat(descriptor).st_mode)
+        if kind == stat.S_IFREG:
+            return os.fdopen(descriptor, "rb")
         os.close(descriptor)
-        raise RunError(f"{shown(path)} is {NOT_A_FILE.get(kind, 'not a regular file')}, not a file. {advice}")
-    return os.fdopen(descriptor, "rb")
+    raise RunError(f"{shown(path)} is {NOT_A_FILE.get(kind, 'not a regular file')}, not a file. {advice}")
 
 
 def download_mnist(data_dir: str) -> None:
@@ -623,13 +626,22 @@ LOG_EVERY_N_STEPS = 10  # train_loss to TensorBoard and the progress bar: 110 po
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
     lambda record: "litlogger" not in record.getMessage()
 )
-warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
-# Lightning's advice about a run's settings (fewer batches than the logging interval, a run
-# resumed in the middle of an epoch) is shown, and never made an error by PYTHONWARNINGS=error:
-# a run is not stopped for advice. Any other warning made an error ends in one `error:` line.
-warnings.filterwarnings("default", category=PossibleUserWarning)
+
+
+def filter_warnings() -> None:
+    """Put this script's warnings filters in front of all others (PYTHONWARNINGS=error, say)."""
+    # Called by main(), not at import: filters set then would be lost when a notebook or a test
+    # imports this module inside warnings.catch_warnings(), and come behind any set later.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
+    # Lightning's advice about a run's settings (fewer batches than the logging interval, a run
+    # resumed in the middle of an epoch) is shown, and never made an error by PYTHONWARNINGS=error:
+    # a run is not stopped for advice. Any other warning made an error ends in one `error:` line.
+    warnings.filterwarnings("default", category=PossibleUserWarning)
+
+
+filter_warnings()  # also for the processes of --strategy ddp_spawn, which import this module and never run main()
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -1091,6 +1103,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_sigterm)
     try:
+        filter_warnings()
         check_streams()
         problem = working_folder_problem()
         if problem:
@@ -1313,23 +1326,32 @@ def report_problem(error: BaseException, after_progress_bar: bool = False) -> in
 
 
 def shown(text: str | Path, keep_backslashes: bool = False) -> str:
-    """text, a file name say, as one line that stdout and stderr can print: control characters
-    (a newline) and what their encoding cannot hold (bytes of a name that are not UTF-8) as
-    backslash escapes, and a backslash as two, so that no two names print the same way."""
-    text = str(text)
-    if not keep_backslashes:  # a message whose paths are shown already
-        text = text.replace("\\", "\\\\")
-    # Python hands over the bytes of a name that are not text as lone surrogates, \udcff for the byte \xff.
-    text = "".join(
-        (f"\\x{ord(character) - 0xDC00:02x}" if 0xDC80 <= ord(character) <= 0xDCFF else ascii(character)[1:-1])
-        if not character.isprintable()
-        else character
-        for character in text
-    )
-    for stream in (sys.stdout, sys.stderr):
-        encoding = getattr(stream, "encoding", None) or "utf-8"
-        text = text.encode(encoding, "backslashreplace").decode(encoding)
-    return text
+    """text, a file name say, as one line that stdout and stderr can print, and that no other
+    text prints as: a backslash doubled, and as backslash escapes a newline, a tab, a carriage
+    return and what is not printable or not in the streams' encoding (a byte of a name that is
+    not UTF-8 as that byte, \\xff; any other character as its bytes in UTF-8)."""
+    encodings = [getattr(stream, "encoding", None) or "utf-8" for stream in (sys.stdout, sys.stderr)]
+
+    def escaped(character: str) -> str:
+        if character == "\\":
+            return character if keep_backslashes else "\\\\"  # keep: a message whose paths are shown already
+        if character in "\n\t\r":
+            return repr(character)[1:-1]
+        try:
+            if character.isprintable():
+                for encoding in encodings:
+                    character.encode(encoding)
+                return character
+        except UnicodeEncodeError:
+            pass
+        try:  # Python hands over a byte of a name that is not text as a lone surrogate, \udcff for \xff
+            return "".join(
+                f"\\x{byte:02x}" for byte in character.encode(sys.getfilesystemencoding(), "surrogateescape")
+            )
+        except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+            return f"\\u{ord(character):04x}"
+
+    return "".join(escaped(character) for character in str(text))
 
 
 def answer(line: str) -> None:
