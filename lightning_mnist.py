@@ -12,6 +12,7 @@ Where Lightning 2.x differs from the video, a comment says so at that place.
 """
 
 import argparse
+import contextlib
 import errno
 import gzip
 import logging
@@ -1102,9 +1103,11 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM stops the run at once, as Ctrl-C does, except in training (see StopOnSignal).
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     signal.signal(signal.SIGTERM, _raise_sigterm)
+    stdout = sys.stdout
     try:
         filter_warnings()
         check_streams()
+        sys.stdout = CheckedStdout(stdout)
         problem = working_folder_problem()
         if problem:
             raise RunError(problem)
@@ -1154,6 +1157,7 @@ def main(argv: list[str] | None = None) -> int:
         discard_unused_run_folder(folder)
         return report_problem(error, after_progress_bar=phase not in ("set-up", "prediction"))
     finally:
+        sys.stdout = stdout
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         if dist.is_initialized():
@@ -1355,13 +1359,46 @@ def shown(text: str | Path, keep_backslashes: bool = False) -> str:
 
 
 def answer(line: str) -> None:
-    """Print a result on stdout, or raise a RunError when it cannot be written there (a closed pipe, a full disk)."""
-    try:
-        print(line, flush=True)
-    except OSError as error:
-        # Python would try to write it once more as it exits, and print a complaint of its own.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        raise RunError(f"the results could not be written to stdout ({error.strerror}).") from error
+    """Print a result on stdout, at once: if it cannot be written there, CheckedStdout says so while main() runs."""
+    print(line, flush=True)
+
+
+class CheckedStdout:
+    """sys.stdout while main() runs, for this script's results and Lightning's progress bar and
+    tables: a write that fails (a closed pipe, a full disk) is a RunError that names stdout,
+    where the OSError would name no file."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as error:
+            raise self._failed(error) from error
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as error:
+            raise self._failed(error) from error
+
+    def _failed(self, error: OSError) -> RunError:
+        # What is left in the stream's buffer would fail again as Python exits, with a complaint of its own.
+        with contextlib.suppress(OSError):  # a stream with no file descriptor (a notebook's) has nothing left
+            to_devnull(self.stream.fileno())
+        return RunError(f"could not write to stdout ({error.strerror}), so the results printed there are incomplete.")
+
+    def __getattr__(self, name: str):  # the rest (encoding, isatty, fileno) is the stream's
+        return getattr(self.stream, name)
+
+
+def to_devnull(descriptor: int) -> None:
+    """Make a file descriptor write to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    if devnull != descriptor:
+        os.dup2(devnull, descriptor)
+        os.close(devnull)
 
 
 def check_streams() -> None:
@@ -1371,7 +1408,7 @@ def check_streams() -> None:
         try:
             os.fstat(2)
         except OSError:  # and keep it from being a file the run opens, which the messages of C libraries would go into
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            to_devnull(2)
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (open for as long as the process runs)
     if sys.stdout is None:
         raise RunError("stdout is closed, and the results would be lost: send it to a file, or to /dev/null.")

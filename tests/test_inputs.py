@@ -410,8 +410,27 @@ def test_predictions_that_cannot_be_written_end_with_an_error_and_a_failing_stat
     finally:
         os.close(writer)
     assert broken.returncode == 1
-    assert broken.stderr.decode().splitlines()[-1] == "error: the results could not be written to stdout (Broken pipe)."
+    assert broken.stderr.decode().splitlines()[-1] == (
+        "error: could not write to stdout (Broken pipe), so the results printed there are incomplete."
+    )
     assert b"Traceback" not in broken.stderr and b"Exception ignored" not in broken.stderr
+
+
+class FullStream(io.StringIO):
+    """A stdout on a full disk."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_run_whose_results_cannot_be_written_never_claims_success(tiny_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdout", FullStream())
+    error = one_error_line(capsys, main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]))
+    assert (
+        error
+        == "error: could not write to stdout (No space left on device), so the results printed there are incomplete."
+    )
 
 
 def test_with_stderr_closed_stdout_holds_the_answers_alone(trained):
