@@ -205,6 +205,17 @@ def test_only_regular_files_are_read_and_anything_else_is_named_at_once(kind, tm
         assert not (tmp_path / "unpacked").exists()
 
 
+def test_a_file_swapped_for_a_fifo_after_the_check_is_still_refused_without_waiting(tmp_path, monkeypatch):
+    regular, fifo = tmp_path / "regular", tmp_path / "train-labels-idx1-ubyte"
+    regular.write_bytes(b"")
+    os.mkfifo(fifo)
+    stat = os.stat
+    # What a path swapped between the check and the opening looks like: the check sees a file.
+    monkeypatch.setattr(os, "stat", lambda path, **kwargs: stat(regular if Path(path) == fifo else path, **kwargs))
+    with within(10), pytest.raises(RunError, match=rf"^{fifo} is a named pipe \(FIFO\), not a file\."):
+        read_idx(fifo, "labels")
+
+
 @pytest.fixture
 def data(tiny_mnist, tmp_path, monkeypatch) -> Path:
     """A copy of the tiny MNIST to damage, in the working folder; its MNIST/raw folder."""
