@@ -373,11 +373,9 @@ def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
     raw = Path(data_dir, "MNIST", "raw")
     split = "train" if train else "t10k"
     images_file, labels_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
-    images, labels = (
-        read_idx(images_file, "images"),
-        read_idx(labels_file, "labels").long(),
-    )  # as cross_entropy takes them
-    # torchvision checks each file's header, not that the files make a usable data set:
+    images = read_idx(images_file, "images")
+    labels = read_idx(labels_file, "labels").long()  # class indices, as cross_entropy takes them
+    # read_idx checks each file on its own, not that the files make a usable data set:
     # wrong ones would otherwise fail in the middle of training, far from the cause.
     if images.shape[1:] != (28, 28):
         height, width = images.shape[1:]
