@@ -27,6 +27,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 
 def working_folder_problem() -> str | None:
@@ -44,8 +45,8 @@ def working_folder_problem() -> str | None:
 
 # In a deleted working folder, `import torch` kills the process with "Intel oneMKL FATAL ERROR:
 # Cannot load libtorch_cpu.so", which names nothing: a command-line run checks before importing it.
-if __name__ == "__main__" and working_folder_problem():
-    sys.exit(f"error: {working_folder_problem()}")
+if __name__ == "__main__" and (folder_problem := working_folder_problem()):
+    sys.exit(f"error: {folder_problem}")
 
 import pytorch_lightning as pl
 import torch
@@ -260,10 +261,10 @@ IDX_MAGIC = {"images": bytes.fromhex("00000803"), "labels": bytes.fromhex("00000
 GZIP_MAGIC = bytes.fromhex("1f8b")
 REPLACE_MNIST_FILE = "Replace it with an intact copy, or delete it to download MNIST again."
 NOT_A_FILE = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
-              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device", stat.S_IFLNK: "a link"}  # fmt: skip
+              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
 
 
-def open_regular(path: str | Path, advice: str):
+def open_regular(path: str | Path, advice: str) -> BinaryIO:
     """A file opened for reading, or a RunError when path is not a regular file (a FIFO, a device,
     a socket, a folder), whose reading could wait forever or never end; advice says what to do."""
     # Checked before it is opened, since opening a FIFO waits for a writer and opening a socket
@@ -287,6 +288,7 @@ def download_mnist(data_dir: str) -> None:
     for name in MNIST_FILES:
         # torchvision unpacks only archives byte-identical to the official ones, and tries to
         # download the others again, so a user's own .gz copies are unpacked here.
+        # What the file must hold follows from its official name; a .gz that is not a file is refused.
         if not (raw / name).exists() and (raw / f"{name}.gz").exists():
             gunzip(raw / f"{name}.gz", raw / name, "images" if "-images-" in name else "labels")
         if not (raw / name).exists():
@@ -917,7 +919,7 @@ def read_checkpoint(path: str) -> dict:
     with open_regular(path, advice.capitalize()) as file:
         start = file.read(4)
     if start != b"PK\x03\x04":  # torch.save writes a zip archive
-        raise RunError(f"{path} {'is empty' if not start else 'is not a PyTorch checkpoint'}: {advice}")
+        raise RunError(f"{shown(path)} {'is empty' if not start else 'is not a PyTorch checkpoint'}: {advice}")
     try:
         # weights_only: a checkpoint holds tensors and plain values; anything else could run code.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -925,7 +927,7 @@ def read_checkpoint(path: str) -> dict:
         problem = "is cut short or damaged"
         if "Weights only load failed" in str(error):  # torch's refusal of anything but tensors and plain values
             problem = "holds Python objects besides tensors and plain values, as this script's checkpoints never do"
-        raise RunError(f"{path} {problem}: {advice}") from error
+        raise RunError(f"{shown(path)} {problem}: {advice}") from error
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not {name for name, _, _ in CHECKPOINT_FLAGS} <= hparams.keys():
         raise RunError(
@@ -1218,10 +1220,9 @@ def report_results(
         metrics = {"hp/test_acc": test_acc} | ({"hp/val_acc": val_acc.item()} if val_acc is not None else {})
         trainer.logger.log_hyperparams(config, metrics)
         trainer.logger.finalize("success")  # writes them out; Lightning finalized the logger after the test
+    best = shown(tested) if tested else "(none: no epoch was validated and saved; tested the last weights)"
     answer(f"Test accuracy: {100 * test_acc:.2f}%")
-    answer(
-        f"Best checkpoint: {shown(tested) if tested else '(none: no epoch was validated and saved; tested the last weights)'}"
-    )
+    answer(f"Best checkpoint: {best}")
     if trainer.logger:
         answer(f"Run folder: {shown(trainer.logger.log_dir)}")
         answer(f"Open it in TensorBoard: tensorboard --logdir {shown(shlex.quote(trainer.logger.log_dir))}")
