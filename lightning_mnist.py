@@ -573,10 +573,10 @@ warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers
 class Diverged(RunError):
     """The weights became NaN or infinite: nothing trained with them is saved, tested or reported."""
 
-    def __init__(self, step: int, learning_rate: float) -> None:
+    def __init__(self, what: str, step: int, learning_rate: float) -> None:
         super().__init__(
-            f"the weights became NaN or infinite by step {step}: the model diverged, and its accuracy would mean "
-            f"nothing. No checkpoint holds these weights. Try a smaller --lr than {learning_rate:g}."
+            f"{what} by step {step}: the model diverged, and its accuracy would mean nothing. No checkpoint "
+            f"holds these weights. Try a smaller --lr than {learning_rate:g}."
         )
 
 
@@ -656,13 +656,14 @@ class StopWhenDiverged(pl.Callback):
     # Every step's weights are checked, on the device: a GPU computes the check with the step
     # and need not wait for it. The answer is read on the steps Lightning logs, which wait for
     # the device anyway, and before every validation and save.
-    def on_train_start(self, trainer, pl_module) -> None:
+    def on_fit_start(self, trainer, pl_module) -> None:
         self.finite = torch.ones((), dtype=torch.bool, device=pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.finite &= all_finite(pl_module.parameters())
         if trainer.global_step % trainer.log_every_n_steps == 0:
             self._check(trainer, pl_module)
+        else:
+            self.finite &= all_finite(pl_module.parameters())
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:  # before ModelCheckpoint's save, which comes last
         self._check(trainer, pl_module)
@@ -671,14 +672,23 @@ class StopWhenDiverged(pl.Callback):
         if not trainer.sanity_checking:  # which comes before the first step
             self._check(trainer, pl_module)
 
+    def on_validation_end(self, trainer, pl_module) -> None:  # before ModelCheckpoint saves the best epoch
+        # Finite weights can still give outputs that overflow: a validation loss of NaN or infinity.
+        for name, value in trainer.callback_metrics.items():
+            if not trainer.sanity_checking and not value.isfinite().all():
+                what = f"the validation gave a {name} of {value.item():g}"
+                raise Diverged(what, trainer.global_step, pl_module.hparams.learning_rate)
+
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         # A checkpoint to continue or to test, saved by an older version of this script, say.
         refuse_diverged(trainer.ckpt_path, checkpoint["state_dict"])
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The weights as they are now: another callback may have changed them since the step.
         # Under DDP every process holds the same weights, so all of them stop at the same step.
-        if hasattr(self, "finite") and not self.finite:
-            raise Diverged(trainer.global_step, pl_module.hparams.learning_rate)
+        self.finite &= all_finite(pl_module.parameters())
+        if not self.finite:
+            raise Diverged("the weights became NaN or infinite", trainer.global_step, pl_module.hparams.learning_rate)
 
 
 # The signals that ask a run to stop: Ctrl-C; SIGTERM, what `kill`, SLURM (scancel, the time
