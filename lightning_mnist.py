@@ -606,10 +606,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         # Every checkpoint passes here, so here a diverged model is kept off the disk, whatever
         # check of StopWhenDiverged it slipped past. When Lightning saves last.ckpt because an
         # exception is stopping the run (save_on_exception), that exception is what the run
-        # reports: raising another would cut Lightning's clean-up short. The checkpoint before stays.
+        # reports: raising another would cut Lightning's clean-up short. The checkpoint before
+        # stays, and it stays too when the exception is StopWhenDiverged's own.
+        stopping = sys.exc_info()[1]
         weights = checkpoint.get("state_dict", checkpoint)  # --strategy ddp_spawn passes back bare weights
+        if isinstance(stopping, Diverged):
+            return
         if not all_finite(weights.values()):
-            if sys.exc_info()[1] is not None:
+            if stopping is not None:
                 return
             raise RunError(
                 f"the weights became NaN or infinite: the model diverged, and {path} was not written; the "

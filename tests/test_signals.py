@@ -360,6 +360,31 @@ def test_a_weight_made_non_finite_at_any_step_stops_the_run_before_a_save_or_a_t
         assert torch.load(checkpoint, weights_only=True)["global_step"] < step
 
 
+class PoisonThenHeal(pl.Callback):
+    """Makes a weight NaN in step 3's update, and every number finite again before step 4."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step == 2:  # the update that makes step 3
+            with torch.no_grad():
+                pl_module.l2.bias[3] = math.nan
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == 3:
+            optimizer = trainer.optimizers[0]
+            state = [value for values in optimizer.state.values() for value in values.values()]
+            for tensor in [*pl_module.parameters(), *state]:
+                tensor.data.nan_to_num_(0.0)
+
+
+def test_weights_that_were_nan_for_a_single_step_stop_the_run(tiny_mnist, workdir, capsys, monkeypatch):
+    # A step with NaN weights made NaN gradients and Adam's state: what follows means nothing,
+    # even when another callback (or a clamp) makes the weights look finite by the next check.
+    trainers_with(monkeypatch, PoisonThenHeal())
+    error = fails(capsys, "--data-dir", str(tiny_mnist), "--max-epochs", "2")
+    assert error.startswith("error: the weights became NaN or infinite by step 6: ")  # the epoch's end
+    assert finite_checkpoints(workdir) == []
+
+
 def test_a_loss_that_is_nan_in_validation_only_stops_the_run(tiny_mnist, workdir, capsys, monkeypatch):
     validation_step = LitNeuralNet.validation_step
 
