@@ -7,6 +7,7 @@ import gzip
 import math
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -127,6 +128,34 @@ def test_a_signal_saves_the_step_reports_on_stderr_and_the_printed_command_conti
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(last, weights_only=True)["global_step"] == 100
     assert reported_accuracy(resumed.stdout) >= 50.0
+    no_temporary_file(tmp_path)
+
+
+def test_a_closed_terminal_stops_the_run_with_its_steps_saved(tiny_mnist, tmp_path):
+    # The run's terminal is a pseudo-terminal that this test closes, as an ssh session that ends
+    # closes its own: the kernel sends SIGHUP, and writes to the terminal fail from then on.
+    pty, fcntl, termios = (pytest.importorskip(name) for name in ("pty", "fcntl", "termios"))
+    controller, terminal = pty.openpty()
+    flags = ["--data-dir", str(tiny_mnist), "--num-workers", "2", "--batch-size", "1", "--hidden-size", "16"]
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *flags, "--limit-train-batches", "50", "--max-epochs", "9"], cwd=tmp_path,
+        stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),  # noqa: PLW1509 (an ioctl only): the run's terminal
+    )  # fmt: skip
+    os.close(terminal)
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    try:
+        deadline = time.monotonic() + 120
+        while not last.exists():  # saved at the end of epoch 0, at step 50
+            assert process.poll() is None and time.monotonic() < deadline
+            select.select([controller], [], [], 0.05)[0] and os.read(controller, 1 << 16)  # as a terminal shows it
+        os.close(controller)
+        assert process.wait(timeout=60) == 128 + signal.SIGHUP
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+    saved = torch.load(last, weights_only=True)
+    step = saved["global_step"]
+    assert step >= 50 and (step - 1) // 50 <= saved["epoch"] <= step // 50  # 50 steps an epoch
     no_temporary_file(tmp_path)
 
 
