@@ -25,7 +25,7 @@ import stat
 import sys
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -52,6 +52,7 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from lightning_fabric.utilities.seed import pl_worker_init_function
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
@@ -59,7 +60,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.tuner import Tuner
 from pytorch_lightning.utilities import rank_zero_only
-from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
@@ -253,6 +254,7 @@ def mnist_loader(dataset: MNISTTensors, batch_size: int, num_workers: int, shuff
         num_workers=num_workers,
         collate_fn=_as_built,
         persistent_workers=num_workers > 0,
+        worker_init_fn=worker_ignores_stop_signals,
     )
 
 
@@ -327,9 +329,14 @@ def gunzip(archive: Path, target: Path, kind: str) -> None:
             f"{shown(archive)} holds {len(unpacked):,} bytes that are not an MNIST {kind} file: unpacked, "
             f"it {problem}. {REPLACE_MNIST_FILE}"
         )
+    # Written beside the target and renamed, so that the target is whole or absent; removed
+    # whatever stops the write, a full disk or Ctrl-C, so that nothing is left in the user's folder.
     temporary = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(unpacked)
-    temporary.replace(target)  # whole or not at all
+    try:
+        temporary.write_bytes(unpacked)
+        temporary.replace(target)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def idx_problem(content: bytes, kind: str) -> str | None:
@@ -648,13 +655,59 @@ def filter_warnings() -> None:
 filter_warnings()  # also for the processes of --strategy ddp_spawn, which import this module and never run main()
 
 
+class Diverged(RunError):
+    """The weights, or the validation loss, became NaN or infinite: nothing trained with them is
+    saved, tested or reported."""
+
+    def __init__(self, what: str, step: int, learning_rate: float) -> None:
+        super().__init__(
+            f"{what} by step {step}: the model diverged, and its accuracy would mean nothing. No checkpoint "
+            f"holds these weights. Try a smaller --lr than {learning_rate:g}."
+        )
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Whether every number in these tensors is finite, as a tensor on their device: reading it
+    makes a GPU wait, computing it does not."""
+    # A sum is NaN or infinite when any of its numbers is, and is 30 times quicker to take than
+    # isfinite() of every number. A sum of finite numbers that overflows needs weights of 1e33
+    # or more: a model diverged all the same.
+    return torch.stack([tensor.sum() for tensor in tensors if tensor.is_floating_point()]).isfinite().all()
+
+
+def refuse_diverged(path: str | Path, state_dict: dict) -> None:
+    """A RunError if the checkpoint at path holds a weight that is NaN or infinite."""
+    if not all_finite(state_dict.values()):
+        raise RunError(
+            f"{path} holds weights that are NaN or infinite: its run diverged, and nothing it predicts or "
+            "scores means anything. Use an earlier checkpoint, or train again with a smaller --lr."
+        )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint writer, made safe: a checkpoint file is always whole, old or new."""
+    """Lightning's checkpoint writer, made safe: a checkpoint file is always whole, old or new, and
+    never holds weights that are NaN or infinite."""
 
     # Lightning writes over the old file in place, so a crash, a kill or a full disk in the
     # middle of a save leaves a truncated checkpoint where a good one was. This one writes a
     # temporary file beside it, forces it onto the disk, and renames it over the old file.
     def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options: object = None) -> None:
+        # Every checkpoint passes here, so here a diverged model is kept off the disk, whatever
+        # check of StopWhenDiverged it slipped past. When Lightning saves last.ckpt because an
+        # exception is stopping the run (save_on_exception), that exception is what the run
+        # reports: raising another would cut Lightning's clean-up short. The checkpoint before
+        # stays, and it stays too when the exception is StopWhenDiverged's own.
+        stopping = sys.exc_info()[1]
+        if isinstance(stopping, Diverged):
+            return
+        weights = checkpoint.get("state_dict", checkpoint)  # --strategy ddp_spawn passes back bare weights
+        if not all_finite(weights.values()):
+            if stopping is not None:
+                return
+            raise RunError(
+                f"the weights became NaN or infinite: the model diverged, and {path} was not written; the "
+                "checkpoints before stay. Try a smaller --lr."
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -706,32 +759,99 @@ class OSErrorKeeper:
         self.file.flush()
 
 
+# After its save on an exception, Lightning says "An <exception> was raised with message: ...,
+# saved checkpoint to ...", which is untrue when the weights were NaN and the save refused;
+# main() says what stopped the run and what the checkpoint holds instead.
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+    lambda record: "was raised with message" not in record.getMessage()
+)
+
+
 class StopWhenDiverged(pl.Callback):
-    """Ends training with an error when the weights are no longer finite numbers."""
+    """Ends training with an error as soon as the weights are no longer finite numbers, before
+    anything validates, saves or tests them."""
+
+    # Every step's weights are checked, on the device: a GPU computes the check with the step
+    # and need not wait for it. The answer is read on the steps Lightning logs, which wait for
+    # the device anyway, and before every validation and save.
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.finite = torch.ones((), dtype=torch.bool, device=pl_module.device)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # Checked on the steps Lightning logs anyway, so that a GPU does not wait at every step;
-        # weights that have become NaN stay NaN. Under DDP every process holds the same weights,
-        # so all of them stop at the same step.
-        if trainer.global_step % trainer.log_every_n_steps:
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._check(trainer, pl_module)
+        else:
+            self.finite &= all_finite(pl_module.parameters())
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # before ModelCheckpoint's save, which comes last
+        self._check(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:  # which comes before the first step
+            self._check(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # before ModelCheckpoint saves the best epoch
+        # Finite weights can still give outputs that overflow: a validation loss of NaN or infinity.
+        if trainer.sanity_checking:
             return
-        # The sum of the weights is NaN or infinite when any weight is, and far quicker to check.
-        if not torch.stack([parameter.sum() for parameter in pl_module.parameters()]).isfinite().all():
-            raise RunError(
-                f"the weights became NaN or infinite by step {trainer.global_step} (the training loss was "
-                f"{outputs['loss'].item():.3g}): the model diverged, and its accuracy would mean nothing. "
-                f"Try a smaller --lr than {pl_module.hparams.learning_rate:g}."
-            )
+        for name, value in trainer.callback_metrics.items():
+            if not value.isfinite().all():
+                what = f"the validation gave a {name} of {value.item():g}"
+                raise Diverged(what, trainer.global_step, pl_module.hparams.learning_rate)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # A checkpoint to continue or to test, saved by an older version of this script, say.
+        refuse_diverged(trainer.ckpt_path, checkpoint["state_dict"])
+
+    def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # The weights as they are now: another callback may have changed them since the step.
+        # Under DDP every process holds the same weights, so all of them stop at the same step.
+        self.finite &= all_finite(pl_module.parameters())
+        if not self.finite:
+            raise Diverged("the weights became NaN or infinite", trainer.global_step, pl_module.hparams.learning_rate)
+
+
+# The signals that ask a run to stop: Ctrl-C; SIGTERM, what `kill`, SLURM (scancel, the time
+# limit), Kubernetes and systemd send; and SIGHUP, when the terminal or ssh session that
+# started the run closes. Each stops the run the same way: see StopOnSignal.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(SystemExit):
+    """A stop signal, raised where the run can stop; its exit status is 128 + the signal's number,
+    what a shell or a scheduler reports for a process a signal stopped."""
+
+    # A SystemExit, which Lightning passes on after saving last.ckpt, and which no `except
+    # Exception` on the way mistakes for an error.
+    def __init__(self, signum: int) -> None:
+        self.signal = signal.Signals(signum)
+        super().__init__(128 + self.signal)
+
+
+def stop_at_once(signum: int, frame: object) -> None:
+    """The stop signals' handler outside Lightning's loops: stop where the run is."""
+    raise Stopped(signum)
+
+
+def worker_ignores_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's first step: leave the stop signals to the main process."""
+    # Ctrl-C in a terminal and a scheduler's signal to the process group reach the workers too.
+    # A worker that died of one would fail the main process's next batch, before it saved.
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    # What Lightning sets as worker_init_fn when a loader has none: it seeds each worker.
+    pl_worker_init_function(worker_id)
 
 
 class StopOnSignal(pl.Callback):
-    """Ctrl-C or SIGTERM in training stops every process after the same step, and Lightning
-    saves that step in last.ckpt. A second Ctrl-C stops at once."""
+    """A stop signal in Lightning's loops stops every process after the same training step, and
+    Lightning saves that step in last.ckpt. A second signal stops at once."""
 
     # Lightning 2.6 handles SIGTERM itself, but under DDP its handler talks to the other
     # processes from inside the signal handler, which can deadlock them (Lightning issue
     # #20806); and Ctrl-C stops each process wherever it is. So while Lightning runs, this
     # handler only notes the signal, and the processes agree on it at the end of a step.
+    # Lightning puts back main()'s handler, stop_at_once, when it is done.
     def __init__(self) -> None:
         self.signal = None
 
@@ -745,24 +865,23 @@ class StopOnSignal(pl.Callback):
         self._listen()
 
     def _listen(self) -> None:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._note)  # Lightning puts back the handlers it found when it is done
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, self._note)
 
     def _note(self, signum: int, frame: object) -> None:
         if self.signal is not None:
-            raise KeyboardInterrupt
+            raise Stopped(self.signal)
         self.signal = signal.Signals(signum)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        stop = self.signal is not None
+        signum = self.signal or 0
         if trainer.world_size > 1:  # the processes agree, at a message between them: every 10 steps
             if trainer.global_step % trainer.log_every_n_steps:
                 return
-            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
-        if stop:
-            # Lightning's own exception: it saves last.ckpt, then passes it on to main(). Its exit
-            # status says which signal it was, to the main process of --strategy ddp_spawn.
-            raise SIGTERMException(128 + self.signal if self.signal else None)
+            # Each process may have had another signal, or none yet: all stop with the highest.
+            signum = int(trainer.strategy.reduce(torch.tensor(signum, device=pl_module.device), reduce_op="max"))
+        if signum:
+            raise Stopped(signum)  # Lightning saves last.ckpt, then passes it on to main()
 
 
 @rank_zero_only
@@ -1098,14 +1217,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Train, validate and test, and print the test accuracy and the best checkpoint; or, with
     --predict, read the digits in pictures. The exit status is 0 when done, 1 after a problem
-    that one `error:` line explains, 2 for a flag that the command line refuses, and 130 or
-    143 after Ctrl-C or SIGTERM."""
+    that one `error:` line explains, 2 for a flag that the command line refuses, and 128 + the
+    signal's number after a stop signal: 130 after Ctrl-C, 143 after SIGTERM, 129 after SIGHUP."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     trainer, folder, phase = None, None, "set-up"
-    # SIGTERM stops the run at once, as Ctrl-C does, except in training (see StopOnSignal).
-    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    signal.signal(signal.SIGTERM, _raise_sigterm)
+    # Every stop signal stops the run at once, except in Lightning's loops (see StopOnSignal).
+    handlers = {signum: signal.signal(signum, stop_at_once) for signum in STOP_SIGNALS}
     stdout = sys.stdout
     try:
         filter_warnings()
@@ -1127,22 +1245,19 @@ def main(argv: list[str] | None = None) -> int:
         phase = "training"
         trainer.fit(model, ckpt_path=args.ckpt_path)
         phase = "after training"
-        if noted_signal(trainer):  # in the last validation, with no training step after it to stop at
-            raise SIGTERMException
+        signum = noted_signal(trainer)
+        if signum:  # in the last validation, with no training step after it to stop at
+            raise Stopped(signum)
         phase = "the final test"
         tested = checkpoint_to_test(trainer, args)
         results = trainer.test(model, ckpt_path=tested)
         if rank_zero_only.rank == 0:
             report_results(trainer, model, args, results[0]["test_acc"], tested)
         return 0
-    except (KeyboardInterrupt, SystemExit) as stop:
-        # Lightning ends fit and test on Ctrl-C with SystemExit, after saving last.ckpt.
-        if type(stop) is SystemExit and not (trainer and trainer.interrupted):
-            raise
-        stopped_by = noted_signal(trainer) or (signal.SIGTERM if isinstance(stop, SIGTERMException) else signal.SIGINT)
-        return report_interruption(stopped_by, trainer, folder, phase, args, argv)
+    except Stopped as stop:
+        return report_interruption(stop.signal, trainer, folder, phase, args, argv)
     except ProcessExitedException as stop:  # --strategy ddp_spawn: its processes stopped as above, or died
-        if stop.exit_code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+        if stop.exit_code - 128 in STOP_SIGNALS:
             stopped_by = signal.Signals(stop.exit_code - 128)
             return report_interruption(stopped_by, trainer, folder, phase, args, argv, spawned=True)
         how = stop.signal_name or f"exit status {stop.exit_code}"
@@ -1167,10 +1282,6 @@ def main(argv: list[str] | None = None) -> int:
             # Lightning keeps DDP's process group for the next fit or test; this run is done with it.
             # Left to the end of the process, its teardown can race with the other processes'.
             dist.destroy_process_group()
-
-
-def _raise_sigterm(signum: int, frame: object) -> None:
-    raise SIGTERMException  # Lightning's own: a SystemExit
 
 
 def noted_signal(trainer: pl.Trainer | None) -> signal.Signals | None:
@@ -1237,14 +1348,14 @@ def report_interruption(
     argv: list[str],
     spawned: bool = False,
 ) -> int:
-    """Say where Ctrl-C or SIGTERM stopped the run and how to continue it; the exit status is
-    128 + the signal's number, what a shell or a scheduler reports for a process it stopped."""
+    """Say on stderr where a stop signal stopped the run, and how to continue it; the exit status
+    is 128 + the signal's number, what a shell or a scheduler reports for a process it stopped."""
     if rank_zero_only.rank != 0:
         return 128 + stopped_by
     last = folder / "checkpoints" / "last.ckpt" if folder else None  # build_trainer's `last`
-    if spawned and last and last.is_file():
+    saved = torch.load(last, map_location="cpu", weights_only=True) if last and last.is_file() else None
+    if spawned and saved:
         # Under --strategy ddp_spawn other processes trained; the checkpoint they saved says how far.
-        saved = torch.load(last, map_location="cpu", weights_only=True)
         epoch, step = saved["epoch"], saved["global_step"]
     else:
         epoch, step = (trainer.current_epoch, trainer.global_step) if trainer else (0, 0)
@@ -1262,25 +1373,41 @@ def report_interruption(
     }[phase]
     if phase == "prediction":
         then = "Run the same command again."
-    elif last and last.is_file():
+    elif saved:
+        # What the checkpoint holds, from its own data: the step where the run stopped, unless a
+        # second signal stopped it at once, or the weights were NaN and were not saved.
+        lost = max(step - saved["global_step"], 0) if phase == "training" else 0
         then = f"Continue it with:\n  {_resume_command(argv, last)}"
+        if lost:
+            then = f"last.ckpt holds step {saved['global_step']}: the {lost} steps after it are lost. {then}"
     elif args.ckpt_path:
         then = f"Continue it with the same command:\n  {_resume_command(argv, args.ckpt_path)}"
     else:
         then = "Nothing to continue: it had saved no checkpoint. Run the same command again."
         discard_unused_run_folder(folder)
-    print(f"\nStopped by {stopped_by.name} {where}. {then}")  # on a line of its own, after the progress bar
+    try:
+        # On a line of its own, after the progress bar.
+        print(f"\nStopped by {stopped_by.name} {where}. {then}", file=sys.stderr)
+    except OSError:  # SIGHUP: the terminal is gone, and with it the reader; last.ckpt is saved all the same
+        pass
     return 128 + stopped_by
 
 
 def _resume_command(argv: list[str], checkpoint: str | Path) -> str:
-    """This run's command line with --ckpt-path set to checkpoint, which continues the run."""
-    flags, after_ckpt_path = [], False
+    """The command that continues this run from checkpoint: the Python and the script that ran,
+    with the run's flags and --ckpt-path set to checkpoint, quoted for a shell."""
+    flags, value_follows = [], False
     for arg in argv:  # leave out the --ckpt-path the run was started with, if any
-        if not (after_ckpt_path or arg == "--ckpt-path" or arg.startswith("--ckpt-path=")):
+        # argparse takes any unambiguous start of a flag's name, with its value after a space or
+        # an "=": --ckpt-path PATH, --ckpt-path=PATH, --ckpt PATH, ...
+        name = arg.partition("=")[0]
+        is_ckpt_path = len(name) > 2 and "--ckpt-path".startswith(name)
+        if not (value_follows or is_ckpt_path):
             flags.append(arg)
-        after_ckpt_path = arg == "--ckpt-path"
-    return shlex.join(["python", sys.argv[0], *flags, "--ckpt-path", str(checkpoint)])
+        value_follows = is_ckpt_path and "=" not in arg
+    # The script as it was started; this file when main() was called from other code (a notebook, a test).
+    script = sys.argv[0] if Path(sys.argv[0]).resolve() == Path(__file__).resolve() else __file__
+    return shlex.join([sys.executable, script, *flags, "--ckpt-path", str(checkpoint)])
 
 
 def spawned_problem(error: ProcessRaisedException) -> Exception:
@@ -1430,6 +1557,7 @@ def predict(args: argparse.Namespace) -> int:
         )
     read_checkpoint(checkpoint)  # one line for a damaged file or another model's, never torch's own words
     model = LitNeuralNet.load_from_checkpoint(checkpoint, map_location="cpu")
+    refuse_diverged(checkpoint, model.state_dict())
     # stdout holds one line per picture, for grep and friends; the rest goes to stderr.
     print(f"Checkpoint: {shown(checkpoint)}", file=sys.stderr)
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)  # no banners about GPUs between the lines
