@@ -4,7 +4,11 @@ NaN guard and the faults of DDP. Each test checks what a user sees, not how the 
 
 import contextlib
 import io
+import os
 import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +16,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
-from conftest import TINY_TRAIN, make_digits, reported_accuracy, trainers_with, write_mnist
+from conftest import ROOT, TINY_TRAIN, make_digits, reported_accuracy, trainers_with, write_mnist
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 from torchvision.transforms.functional import pil_to_tensor
@@ -95,6 +99,115 @@ def test_hparams_tab_shows_the_test_accuracy_as_test_acc_and_the_best_validation
     assert len(scores) == 1
     assert hp_val_acc == pytest.approx(scores[0].item())
     assert hp_val_acc - hp_test_acc > 0.2  # so the two cannot be mistaken for each other
+
+
+## Seeding: reruns, DataLoader workers and DDP processes
+
+
+def jittered(original):
+    """MNISTTensors.__getitems__ with an augmentation drawn with numpy, as users add to the template:
+    a random shade of each image's top-left pixel, where a callback can read the draw back."""
+
+    def __getitems__(self, indices):
+        images, labels = original(self, indices)
+        images[:, 0, 0, 0] = torch.from_numpy(np.random.random(len(labels))).float()
+        return images, labels
+
+    return __getitems__
+
+
+class RecordDraws(pl.Callback):
+    """The augmentation's draws in each training batch, in the order trained on."""
+
+    def __init__(self) -> None:
+        self.draws = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.draws.append(batch[0][:, 0, 0, 0].clone())
+
+
+def test_reruns_with_workers_and_one_seed_train_alike_and_another_seed_differs(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(
+        lightning_mnist.MNISTTensors, "__getitems__", jittered(lightning_mnist.MNISTTensors.__getitems__)
+    )
+    runs = []
+    for seed in (7, 7, 8):
+        recorder = RecordDraws()
+        trainers = trainers_with(monkeypatch, recorder)
+        argv = ["--data-dir", str(tiny_mnist), "--num-workers", "2", "--max-epochs", "1", "--seed", str(seed)]
+        assert main([*argv, "--limit-train-batches", "4", "--limit-val-batches", "0"]) == 0
+        runs.append((torch.cat(recorder.draws), trainers[-1].lightning_module.state_dict()))
+    (draws, weights), (rerun_draws, rerun_weights), (other_draws, other_weights) = runs
+    assert len(draws) == 400 and len(set(draws.tolist())) == 400  # each worker draws numbers of its own
+    assert torch.equal(draws, rerun_draws)
+    assert all(torch.equal(weights[name], rerun_weights[name]) for name in weights)  # bit-identical
+    assert not torch.equal(draws, other_draws)
+    assert not torch.equal(weights["l1.weight"], other_weights["l1.weight"])
+
+
+# Lightning's ddp strategy starts the other process by running this same script again.
+DDP_DRIVER = textwrap.dedent(
+    """
+    import sys
+
+    import numpy as np
+    import pytorch_lightning as pl
+    import torch
+
+    import lightning_mnist
+
+    original = lightning_mnist.MNISTTensors.__getitems__
+
+
+    def jittered(self, indices):
+        images, labels = original(self, indices)
+        images[:, 0, 0, 0] = torch.from_numpy(np.random.random(len(labels))).float()
+        return images, labels
+
+
+    class SaveDraws(pl.Callback):
+        def __init__(self):
+            self.draws = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.draws.append(batch[0][:, 0, 0, 0].clone())
+
+        def on_train_end(self, trainer, pl_module):
+            torch.save(torch.cat(self.draws), f"draws_{trainer.global_rank}.pt")
+
+
+    build_trainer = lightning_mnist.build_trainer
+
+
+    def build_saving_draws(args):
+        trainer = build_trainer(args)
+        trainer.callbacks.append(SaveDraws())
+        return trainer
+
+
+    lightning_mnist.MNISTTensors.__getitems__ = jittered
+    lightning_mnist.build_trainer = build_saving_draws
+    if __name__ == "__main__":
+        sys.exit(lightning_mnist.main())
+    """
+)
+
+
+def test_ddp_processes_with_workers_draw_augmentations_of_their_own(tiny_mnist, tmp_path):
+    # Every process is seeded alike, so that they start from the same weights; their workers must not
+    # repeat each other's random augmentations, or two processes train on the same variations.
+    (tmp_path / "driver.py").write_text(DDP_DRIVER)
+    result = subprocess.run(
+        [sys.executable, "driver.py", "--data-dir", str(tiny_mnist), "--accelerator", "cpu", "--devices", "2",
+         "--strategy", "ddp", "--num-workers", "1", "--max-epochs", "1", "--limit-val-batches", "0"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300,
+        stdin=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, second = (torch.load(tmp_path / f"draws_{rank}.pt", weights_only=True) for rank in (0, 1))
+    assert len(first) == len(second) == (TINY_TRAIN - VALIDATION_IMAGES) // 2
+    assert len(set(first.tolist()) | set(second.tolist())) == len(first) + len(second)
 
 
 ## The pictures in TensorBoard
