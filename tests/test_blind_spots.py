@@ -4,6 +4,7 @@ NaN guard and the faults of DDP. Each test checks what a user sees, not how the 
 
 import contextlib
 import io
+import itertools
 import os
 import re
 import subprocess
@@ -17,6 +18,8 @@ import pytorch_lightning as pl
 import torch
 import torch.distributed as dist
 from conftest import ROOT, TINY_TRAIN, make_digits, reported_accuracy, trainers_with, write_mnist
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFilter, ImageFont, ImageOps
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 from torchvision.transforms.functional import pil_to_tensor
@@ -240,17 +243,17 @@ def test_a_mistakes_caption_starts_with_the_guess_then_names_the_true_digit():
     def text(guess: int, true: int) -> torch.Tensor:
         return caption_text(predictions_grid(black, torch.tensor([guess]), torch.tensor([true])))
 
-    guessed_3_is_8, right_3, right_8 = text(3, 8), text(3, 3), text(8, 8)
-    assert guessed_3_is_8.shape == right_3.shape == right_8.shape
     # A right guess is captioned with its digit alone; a mistake's caption starts at the same place,
     # with the guess, and goes on to name the true digit.
-    first_glyph = right_3.any(dim=0) | right_8.any(dim=0)
-    differs_from_3 = (guessed_3_is_8[:, first_glyph] != right_3[:, first_glyph]).sum()
-    differs_from_8 = (guessed_3_is_8[:, first_glyph] != right_8[:, first_glyph]).sum()
-    assert differs_from_3 * 4 < differs_from_8, (differs_from_3, differs_from_8)
-    beyond = ~first_glyph
-    assert guessed_3_is_8[:, beyond].sum() > 2 * right_8.sum()  # ", is 8" follows the 3
-    assert not torch.equal(guessed_3_is_8, text(8, 3))
+    right = torch.stack([text(digit, digit) for digit in range(10)])
+    first_glyph = right.any(dim=(0, 1))  # the columns where any digit alone is written
+    for guess in range(10):
+        for true in set(range(10)) - {guess}:
+            mistake = text(guess, true)
+            assert mistake.shape == right.shape[1:]
+            differences = (mistake[:, first_glyph] != right[:, :, first_glyph]).sum(dim=(1, 2))
+            assert differences.argmin() == guess and differences[true] > 0, (guess, true, differences)
+            assert mistake[:, ~first_glyph].sum() > right[true].sum()  # ", is 8" follows the 3
 
 
 def test_the_confusion_matrix_has_the_true_digit_down_and_the_guess_across():
@@ -267,6 +270,29 @@ def test_the_confusion_matrix_has_the_true_digit_down_and_the_guess_across():
 
     assert [colour(3, 3), colour(3, 5), colour(5, 3), colour(5, 5)] == ["blue", "red", "empty", "blue"]
     assert [colour(8, 1), colour(1, 8), colour(8, 8), colour(0, 0)] == ["red", "empty", "blue", "empty"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=100, max_size=100))
+def test_each_cell_of_the_confusion_matrix_is_tinted_by_its_own_count(cells):
+    counts = torch.tensor(cells).view(10, 10)
+    picture = confusion_picture(counts).int()
+    cell = picture.shape[2] // 11
+    corners = picture[:, cell + cell // 8 :: cell, cell + cell // 8 :: cell][:, :10, :10]  # (3, true, guess)
+    redness = corners[0] - corners[2]
+    empty = counts == 0
+    if empty.any():  # every empty cell has one colour; a count makes a right guess bluer, a mistake redder
+        blank = corners[:, empty][:, 0]
+        assert (corners[:, empty] == blank[:, None]).all()
+        blank_redness = blank[0] - blank[2]
+        right, mistakes = ~empty & torch.eye(10, dtype=torch.bool), ~empty & ~torch.eye(10, dtype=torch.bool)
+        assert (redness[right] < blank_redness).all() and (redness[mistakes] > blank_redness).all()
+    # Within a row (one true digit), a larger count of mistakes is at least as red (each channel is
+    # rounded on its own: give or take 1).
+    for true in range(10):
+        order = counts[true].argsort()
+        guesses = [guess for guess in order.tolist() if guess != true]
+        assert all(redness[true, a] <= redness[true, b] + 1 for a, b in itertools.pairwise(guesses))
 
 
 ## Your own digits on real paper
