@@ -298,8 +298,8 @@ def test_each_cell_of_the_confusion_matrix_is_tinted_by_its_own_count(cells):
 ## Your own digits on real paper
 
 
-def write(picture: Image.Image, text: str, shade: int, font_size: int = 150, stroke: int = 4) -> None:
-    """Write a digit in the middle of a picture, in one shade."""
+def write(picture: Image.Image, text: str, shade, font_size: int = 150, stroke: int = 4) -> None:
+    """Write a digit in the middle of a picture, in one shade (a grey, or a colour)."""
     font = ImageFont.load_default(size=font_size)
     middle = (picture.width // 2, picture.height // 2)
     ImageDraw.Draw(picture).text(
@@ -315,38 +315,57 @@ def ink(prepared: torch.Tensor) -> torch.Tensor:
 PAPER = 230  # the grey of white paper in a photo
 
 
-def test_paper_texture_shadow_and_jpeg_noise_do_not_become_ink(tmp_path):
+def photo_of_paper(clean: Image.Image, path: Path) -> Path:
+    """The picture as a phone photographs it: the paper's grain, a hand's shadow deepening into one
+    corner, JPEG's noise; none of them a tenth of the ink's contrast."""
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.from_numpy(np.asarray(clean, dtype=np.float32))
+    texture = torch.randn(pixels.shape, generator=generator) * 6
+    across, down = torch.linspace(0, 1, pixels.shape[1]), torch.linspace(0, 1, pixels.shape[0])
+    shadow = 22 * down[:, None] * across[None, :]
+    photo = (pixels + texture - shadow).clamp(0, 255).round().to(torch.uint8).numpy()
+    Image.fromarray(photo).save(path, quality=70)
+    return path
+
+
+def ruled_notebook(clean: Image.Image, path: Path) -> Path:
+    """The same digit written in blue ink on a notebook's faint blue lines, in colour."""
+    page = Image.new("RGB", clean.size, (235, 235, 230))
+    draw = ImageDraw.Draw(page)
+    for line in range(10, page.height, 24):
+        draw.line((0, line, page.width, line), fill=(200, 210, 235), width=2)
+    write(page, "4", (20, 20, 90))
+    page.save(path)
+    return path
+
+
+@pytest.mark.parametrize("paper", [photo_of_paper, ruled_notebook])
+def test_paper_texture_shadow_lines_and_jpeg_noise_do_not_become_ink(paper, tmp_path):
     clean = Image.new("L", (240, 240), PAPER)
     write(clean, "4", 30)
     clean = clean.filter(ImageFilter.GaussianBlur(1.5))  # a pen's soft edge
-    generator = torch.Generator().manual_seed(0)
-    pixels = torch.from_numpy(np.asarray(clean, dtype=np.float32))
-    texture = torch.randn(pixels.shape, generator=generator) * 6  # the paper's grain
-    across, down = torch.linspace(0, 1, pixels.shape[1]), torch.linspace(0, 1, pixels.shape[0])
-    shadow = 22 * down[:, None] * across[None, :]  # a hand's shadow deepening into one corner
-    photo = (pixels + texture - shadow).clamp(0, 255).round().to(torch.uint8).numpy()
-    Image.fromarray(photo).save(tmp_path / "photo.jpg", quality=70)
-    on_clean, in_photo = ink(prepare_digit(clean)), ink(prepare_digit(tmp_path / "photo.jpg"))
-    # The noise, a tenth of the ink's contrast at most, stays paper: the digit is prepared as on clean paper.
-    assert (on_clean - in_photo).abs().mean() < 0.04
-    assert in_photo.sum() == pytest.approx(on_clean.sum().item(), rel=0.15)
+    on_clean, on_paper = ink(prepare_digit(clean)), ink(prepare_digit(paper(clean, tmp_path / "digit.jpg")))
+    # What is fainter than the strokes by far stays paper: the digit is prepared as on clean paper.
+    assert (on_clean - on_paper).abs().mean() < 0.04
+    assert on_paper.sum() == pytest.approx(on_clean.sum().item(), rel=0.15)
 
 
-def test_a_digit_touching_the_pictures_edge_is_prepared_as_on_a_wider_sheet():
+@pytest.mark.parametrize(("paper", "faint", "pressed"), [(PAPER, 150, 20), (40, 150, 240)], ids=["paper", "chalkboard"])
+def test_a_digit_touching_the_pictures_edge_is_prepared_as_on_a_wider_sheet(paper, faint, pressed):
     # A 7 pressed hard at the top and faint lower down, as a pen runs dry: a third of the edge is ink.
-    page = Image.new("L", (240, 240), PAPER)
-    write(page, "7", 150)
-    top = ImageOps.invert(page).point(lambda value: 255 if value > 40 else 0).getbbox()
-    pressed = page.copy()
-    write(pressed, "7", 20)
+    page = Image.new("L", (240, 240), paper)
+    write(page, "7", faint)
+    top = page.point(lambda value: 255 if abs(value - paper) > 40 else 0).getbbox()
+    hard = Image.new("L", page.size, paper)
+    write(hard, "7", pressed)
     upper_half = Image.new("L", page.size, 0)
     ImageDraw.Draw(upper_half).rectangle((0, 0, page.width, (top[1] + top[3]) // 2), fill=255)
-    page.paste(pressed, (0, 0), upper_half)
+    page.paste(hard, (0, 0), upper_half)
     page = page.filter(ImageFilter.GaussianBlur(1))
     cropped = page.crop((top[0] + 2, top[1] + 2, top[2] - 2, top[3] - 2))  # cut through the strokes at each side
     edge = np.concatenate([np.asarray(cropped)[[0, -1]].ravel(), np.asarray(cropped)[:, [0, -1]].ravel()])
-    assert 0.2 < (edge < (20 + PAPER) / 2).mean() < 0.45
-    on_wider_sheet = ImageOps.expand(cropped, 30, fill=PAPER)
+    assert 0.2 < (abs(edge.astype(int) - paper) > abs(pressed - paper) / 2).mean() < 0.45
+    on_wider_sheet = ImageOps.expand(cropped, 30, fill=paper)
     touching, clear = ink(prepare_digit(cropped)), ink(prepare_digit(on_wider_sheet))
     assert (touching - clear).abs().mean() < 0.02
     assert touching.sum() == pytest.approx(clear.sum().item(), rel=0.05)
