@@ -453,6 +453,24 @@ def test_a_fault_of_the_environment_in_training_ends_in_one_error_line(
     assert "Test accuracy" not in out
 
 
+def test_a_lost_ddp_peer_in_the_final_test_ends_in_one_error_line_and_keeps_the_checkpoints(
+    tiny_mnist, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+
+    def test(*args, **kwargs):
+        raise dist.DistNetworkError("Connection reset by peer")
+
+    monkeypatch.setattr(pl.Trainer, "test", test)
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert len(errors_of(err)) == 1 and "Test accuracy" not in out
+    checkpoints = list((tmp_path / "lightning_logs").rglob("*.ckpt"))
+    assert checkpoints  # the training done is kept
+    for checkpoint in checkpoints:
+        assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] > 0
+
+
 def test_a_bug_in_training_keeps_its_traceback(tiny_mnist, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
