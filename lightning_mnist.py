@@ -25,6 +25,7 @@ import warnings
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.tuner import Tuner
@@ -161,6 +163,56 @@ class LitNeuralNet(pl.LightningModule):
 
     def test_dataloader(self) -> DataLoader:
         return mnist_loader(self.mnist_test, self.hparams.batch_size, self.hparams.num_workers)
+
+
+## The video's `__main__` part, as a function a notebook can call
+
+
+class Result(NamedTuple):
+    """What train_and_test returns. Without logs (fast_dev_run) there is no checkpoint and no run folder."""
+
+    test_acc: float  # on the 10,000 test images, of the checkpoint that validated best
+    best_checkpoint: str | None  # its path, for LitNeuralNet.load_from_checkpoint
+    run_folder: str | None  # lightning_logs/version_N, for tensorboard --logdir
+
+
+def train_and_test(**flags) -> Result:
+    """Train, validate and test once, as `python lightning_mnist.py` does:
+    train_and_test(max_epochs=2, fast_dev_run=False, gpus=None). The keywords are the command
+    line's flags, dashes as underscores (lr for --lr), and are checked as the command line is."""
+    args = parse_args(flags_to_argv(flags))
+    pl.seed_everything(args.seed, workers=True)
+    # The video: model = LitNeuralNet(input_size, hidden_size, num_classes)
+    model = LitNeuralNet(**model_arguments(args))
+    # The video: trainer = Trainer(fast_dev_run=False, max_epochs=num_epochs, gpus=1), and the
+    # rest of the Trainer's options it shows; build_trainer turns each flag into its 2.x name.
+    trainer = build_trainer(args)
+    run_folder = trainer.logger.log_dir if trainer.logger else None  # the learning-rate finder swaps the logger
+    if args.lr_find:
+        find_learning_rate(trainer, model)  # the video's Trainer(auto_lr_find=True)
+    trainer.fit(model, ckpt_path=args.ckpt_path)  # the video's trainer.fit(model)
+    # Beyond the video: one test, on images no epoch has seen, with the weights that validated best.
+    best_checkpoint = checkpoint_to_test(trainer, args)
+    test_acc = trainer.test(model, ckpt_path=best_checkpoint)[0]["test_acc"]
+    if rank_zero_only.rank == 0:
+        report_results(trainer, model, args, test_acc, best_checkpoint)
+    return Result(test_acc, best_checkpoint, run_folder)
+
+
+def flags_to_argv(flags: dict) -> list[str]:
+    """Keyword arguments as a command line: max_epochs=1 is --max-epochs 1, True a bare flag, False or None none."""
+    names = {"lr" if name == "learning_rate" else name for name in vars(parse_args([]))} - {"predict"}
+    unknown = sorted(flags.keys() - names)
+    if unknown:  # argparse would take a prefix (max_ep for --max-epochs) or say "unrecognized" with no hint
+        raise TypeError(f"train_and_test() got unknown flags {unknown}; it takes {sorted(names)}")
+    argv = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv
 
 
 ## MNIST, held in memory as tensors
@@ -655,6 +707,15 @@ class StopOnSignal(pl.Callback):
             raise SIGTERMException(128 + self.signal if self.signal else None)
 
 
+class NotebookProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without the validation bar it draws under the training bar. A
+    Jupyter notebook ignores the cursor movements that keep one bar under another, so each
+    validation would leave its lines piled up; the training bar still shows val_loss and val_acc."""
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+
 @rank_zero_only
 def claim_run_folder(save_dir: Path) -> int:
     """The number N of a new save_dir/lightning_logs/version_N folder, made by this call."""
@@ -728,7 +789,7 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
                 StopWhenDiverged(),
                 StopOnSignal(),
                 # Redrawing the bar at every step of a fast net costs more than the step itself.
-                TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS),
+                (NotebookProgressBar if "ipykernel" in sys.modules else TQDMProgressBar)(LOG_EVERY_N_STEPS),
             ],
             logger=logger or False,
             plugins=[AtomicCheckpointIO()],
@@ -1103,6 +1164,13 @@ def report_results(
         trainer.logger.log_hyperparams(config, metrics)
         trainer.logger.finalize("success")  # writes them out; Lightning finalized the logger after the test
     print(f"Test accuracy: {100 * test_acc:.2f}%")
+    if args.fast_dev_run:
+        # A learner takes "41.00%" for a broken model; it is the point of the flag that it is no result.
+        batches = f"{args.fast_dev_run} batch{'es' if args.fast_dev_run > 1 else ''}"
+        print(
+            f"(--fast-dev-run: that is the accuracy on {batches} of test images after {batches} of training, "
+            "a check that the code runs, not a result. Leave the flag out to train the model.)"
+        )
     print(f"Best checkpoint: {tested or '(none: no epoch was validated and saved; tested the last weights)'}")
     if trainer.logger:
         print(f"Run folder: {trainer.logger.log_dir}")
