@@ -1,7 +1,8 @@
 """What a learner copies from the READMEs works as it stands: every ```python block of
 README.md and README.zh-CN.md runs, in a fresh process, in a folder where the default run
 (`python lightning_mnist.py`, on the tiny MNIST in ./data) has just been made. And
-train_and_test, which those blocks call, takes the command line's flags as keywords."""
+train_and_test, which those blocks call, takes the command line's flags as keywords; and the
+tests find real MNIST and say why they skip, as the README's test section promises."""
 
 import ast
 import re
@@ -9,10 +10,11 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPT, run_script
+from conftest import ROOT, SCRIPT, pytest_configure, real_mnist_folder, run_script, write_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -132,3 +134,22 @@ def test_every_keyword_arrives_as_its_flag_would(flags):
         else:
             expected = value
         assert getattr(args, dest) == expected, (name, value)
+
+
+def test_real_mnist_is_found_in_data_when_mnist_data_dir_is_unset(tmp_path, monkeypatch):
+    monkeypatch.delenv("MNIST_DATA_DIR", raising=False)
+    folder, why_not = real_mnist_folder(tmp_path)
+    assert folder is None and "./data" in why_not and "MNIST_DATA_DIR" in why_not
+    write_mnist(tmp_path / "data", train=10, test=10)
+    assert real_mnist_folder(tmp_path) == ((tmp_path / "data").resolve(), "")
+    # MNIST_DATA_DIR, when set, is the one place looked at: a wrong one is said, not passed over.
+    monkeypatch.setenv("MNIST_DATA_DIR", str(tmp_path / "elsewhere"))
+    folder, why_not = real_mnist_folder(tmp_path)
+    assert folder is None and str(tmp_path / "elsewhere") in why_not
+
+
+@pytest.mark.parametrize(("asked", "shown"), [("fE", "fEs"), ("", "s"), ("fEs", "fEs"), ("N", "N"), ("a", "a")])
+def test_skips_say_why_unless_the_reports_were_chosen(asked, shown):
+    config = SimpleNamespace(option=SimpleNamespace(reportchars=asked))
+    pytest_configure(config)
+    assert config.option.reportchars == shown
