@@ -43,6 +43,7 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException, SI
 from torch import nn
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.tensorboard.summary import hparams
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.datasets import MNIST
@@ -1185,9 +1186,6 @@ def checkpoint_to_test(trainer: pl.Trainer, args: argparse.Namespace) -> str | N
     return best or None  # none when no epoch was validated: fast_dev_run, --limit-val-batches 0
 
 
-HPARAMS_FIRST = ["learning_rate", "max_epochs", "hidden_size", "batch_size", "seed"]
-
-
 def report_results(
     trainer: pl.Trainer, model: LitNeuralNet, args: argparse.Namespace, test_acc: float, tested: str | None
 ) -> None:
@@ -1196,14 +1194,20 @@ def report_results(
         # One row per run: its whole configuration beside the accuracies of the weights tested,
         # on the validation images (the best epoch's) and on the test images.
         config = {**vars(args), **model.hparams}  # the model's: after --lr-find, the rate it trained with
-        # TensorBoard's table shows the first columns, in this order, and hides the rest behind a
-        # scroll: the knobs that tell runs apart lead. It shows a bool as 0.0000 or 1.0000: text reads.
-        leading = {name: config.pop(name) for name in HPARAMS_FIRST}
+        # TensorBoard's table shows 5 columns at first: those whose values differ between the runs
+        # shown (lr, epochs, hidden size, ...), then the rest by name. It can tell which differ only
+        # when no run fixes the columns with an "experiment" summary, which Lightning's
+        # log_hyperparams writes; so each run writes its values and results alone. A flag reads as
+        # true or false (TensorBoard shows a bool as 0.0000 or 1.0000), and an unset one as None.
         config = {name: str(value).lower() if isinstance(value, bool) else value for name, value in config.items()}
-        config = leading | config
+        config = {name: "None" if value is None else value for name, value in config.items()}
         val_acc = trainer.checkpoint_callback.best_model_score
         metrics = {"hp/test_acc": test_acc} | ({"hp/val_acc": val_acc.item()} if val_acc is not None else {})
-        trainer.logger.log_hyperparams(config, metrics)
+        trainer.logger.log_metrics(metrics)
+        _, session_start, session_end = hparams(config, metrics)
+        writer = trainer.logger.experiment.file_writer  # reopened by log_metrics after Lightning's finalize
+        writer.add_summary(session_start)
+        writer.add_summary(session_end)
         trainer.logger.finalize("success")  # writes them out; Lightning finalized the logger after the test
     print(f"Test accuracy: {100 * test_acc:.2f}%")
     if args.fast_dev_run:

@@ -30,7 +30,6 @@ from lightning_mnist import (
     GRID_IMAGES,
     GRID_PADDING,
     GRID_SCALE,
-    HPARAMS_FIRST,
     MNIST_MEAN,
     MNIST_STD,
     RED,
@@ -212,13 +211,10 @@ def test_hparams_tab_shows_the_whole_configuration_and_the_accuracies_of_the_wei
     cwd, _ = tiny_run
     events = read_events(cwd / "lightning_logs" / "version_0")
     content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
-    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
-    assert {info.name.tag for info in experiment.metric_infos} == {"hp/val_acc", "hp/test_acc"}
-    # Every flag and every argument of the model, as the run used them.
-    everything = set(vars(parse_args([]))) | set(LitNeuralNet().hparams)
-    assert {info.name for info in experiment.hparam_infos} == everything
     session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
     values = {name: getattr(value, value.WhichOneof("kind")) for name, value in session.hparams.items()}
+    # Every flag and every argument of the model, as the run used them.
+    assert set(values) == set(vars(parse_args([]))) | set(LitNeuralNet().hparams)
     assert values["max_epochs"] == 3 and values["hidden_size"] == 500 and values["seed"] == 42
     assert values["learning_rate"] == pytest.approx(1e-3) and values["precision"] == "32-true"
     # The values the tab shows: the best epoch's validation accuracy (its weights were tested) and the test's.
@@ -227,17 +223,17 @@ def test_hparams_tab_shows_the_whole_configuration_and_the_accuracies_of_the_wei
     assert [event.value for event in events.Scalars("hp/test_acc")] == [events.Scalars("test_acc")[0].value]
 
 
-def test_hparams_lead_with_what_tells_runs_apart_and_show_flags_as_true_or_false(tiny_run):
+def test_hparams_show_flags_as_true_or_false_and_leave_the_columns_to_tensorboard(tiny_run):
     cwd, _ = tiny_run
     content = read_events(cwd / "lightning_logs" / "version_0").PluginTagToContent(hparams_metadata.PLUGIN_NAME)
-    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
-    # The HParams table shows its columns in this order, and only the first few without scrolling.
-    assert [info.name for info in experiment.hparam_infos][:5] == HPARAMS_FIRST
+    # With no run's "experiment" fixing the columns, TensorBoard puts first those that differ between runs.
+    assert hparams_metadata.EXPERIMENT_TAG not in content
     session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
     values = {name: getattr(value, value.WhichOneof("kind")) for name, value in session.hparams.items()}
     flags = [name for name, value in vars(parse_args([])).items() if isinstance(value, bool)]
     assert flags and all(values[name] == "false" for name in flags), {name: values[name] for name in flags}
     assert values["max_epochs"] == 3  # numbers stay numbers: the table sorts and filters them as such
+    assert values["gpus"] == "None"  # unset
 
 
 ## The same run, read back by the real TensorBoard
@@ -306,11 +302,16 @@ def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, t
                  "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]}  # fmt: skip
         rows = {row["name"]: row for row in get_json(f"{base}/hparams/session_groups", post=query)["sessionGroups"]}
         assert set(rows) == {"version_0", "version_1"}  # the two runs, told apart by their max_epochs
+        # The table's first columns, which it shows without scrolling: what differs between the runs.
+        columns = get_json(f"{base}/hparams/experiment", post={"experimentName": ""})["hparamInfos"]
+        assert columns[0]["name"] == "max_epochs" and columns[0]["differs"], columns[:2]
+        assert not any(column.get("differs") for column in columns[1:]), columns
         assert (rows["version_0"]["hparams"]["max_epochs"], rows["version_1"]["hparams"]["max_epochs"]) == (3, 2)
         row = rows["version_0"]
         assert row["hparams"]["hidden_size"] == 500 and row["hparams"]["learning_rate"] == pytest.approx(1e-3)
+        # TensorBoard offers every scalar of the run as a metric column; these two are the run's result.
         served = {value["name"]["tag"]: value["value"] for value in row["metricValues"]}
-        assert served == {
+        assert {tag: served[tag] for tag in ("hp/val_acc", "hp/test_acc")} == {
             "hp/val_acc": pytest.approx(max(event.value for event in expected.Scalars("val_acc"))),
             "hp/test_acc": pytest.approx(expected.Scalars("test_acc")[0].value),
         }
