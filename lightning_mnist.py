@@ -27,7 +27,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
 
 def working_folder_problem() -> str | None:
@@ -56,6 +56,7 @@ from lightning_fabric.utilities.seed import pl_worker_init_function
 from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from pytorch_lightning.accelerators import CPUAccelerator
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks.progress.tqdm_progress import Tqdm
 from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.tuner import Tuner
@@ -65,11 +66,12 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from torch import nn
 from torch.multiprocessing import ProcessExitedException, ProcessRaisedException
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.tensorboard.summary import hparams
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.datasets import MNIST
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
-from torchvision.utils import draw_bounding_boxes, make_grid
+from torchvision.utils import make_grid
 
 # The video's hyperparameters; each is the default of a command-line flag below.
 INPUT_SIZE = 28 * 28  # MNIST images are 28x28 pixels, flattened
@@ -184,6 +186,56 @@ class LitNeuralNet(pl.LightningModule):
 
     def test_dataloader(self) -> DataLoader:
         return mnist_loader(self.mnist_test, self.hparams.batch_size, self.hparams.num_workers)
+
+
+## The video's `__main__` part, as a function a notebook can call
+
+
+class Result(NamedTuple):
+    """What train_and_test returns. Without logs (fast_dev_run) there is no checkpoint and no run folder."""
+
+    test_acc: float  # on the 10,000 test images, of the checkpoint that validated best
+    best_checkpoint: str | None  # its path, for LitNeuralNet.load_from_checkpoint
+    run_folder: str | None  # lightning_logs/version_N, for tensorboard --logdir
+
+
+def train_and_test(**flags) -> Result:
+    """Train, validate and test once, as `python lightning_mnist.py` does:
+    train_and_test(max_epochs=2, fast_dev_run=False, gpus=None). The keywords are the command
+    line's flags, dashes as underscores (lr for --lr), and are checked as the command line is."""
+    args = parse_args(flags_to_argv(flags))
+    pl.seed_everything(args.seed, workers=True)
+    # The video: model = LitNeuralNet(input_size, hidden_size, num_classes)
+    model = LitNeuralNet(**model_arguments(args))
+    # The video: trainer = Trainer(fast_dev_run=False, max_epochs=num_epochs, gpus=1), and the
+    # rest of the Trainer's options it shows; build_trainer turns each flag into its 2.x name.
+    trainer = build_trainer(args)
+    run_folder = trainer.logger.log_dir if trainer.logger else None  # the learning-rate finder swaps the logger
+    if args.lr_find:
+        find_learning_rate(trainer, model)  # the video's Trainer(auto_lr_find=True)
+    trainer.fit(model, ckpt_path=args.ckpt_path)  # the video's trainer.fit(model)
+    # Beyond the video: one test, on images no epoch has seen, with the weights that validated best.
+    best_checkpoint = checkpoint_to_test(trainer, args)
+    test_acc = trainer.test(model, ckpt_path=best_checkpoint)[0]["test_acc"]
+    if rank_zero_only.rank == 0:
+        report_results(trainer, model, args, test_acc, best_checkpoint)
+    return Result(test_acc, best_checkpoint, run_folder)
+
+
+def flags_to_argv(flags: dict) -> list[str]:
+    """Keyword arguments as a command line: max_epochs=1 is --max-epochs 1, True a bare flag, False or None none."""
+    names = {"lr" if name == "learning_rate" else name for name in vars(parse_args([]))} - {"predict"}
+    unknown = sorted(flags.keys() - names)
+    if unknown:  # argparse would take a prefix (max_ep for --max-epochs) or say "unrecognized" with no hint
+        raise TypeError(f"train_and_test() got unknown flags {unknown}; it takes {sorted(names)}")
+    argv = []
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv
 
 
 ## MNIST, held in memory as tensors
@@ -508,8 +560,14 @@ def prepare_digit(picture: str | Path | Image.Image) -> torch.Tensor:
 
 ## Pictures in TensorBoard
 
+# TensorBoard shows each picture in a card about 330 pixels wide, shrinking what is wider
+# (unless "Show actual image size" is ticked): the pictures are drawn for that width.
+CARD_WIDTH = 330
 GRID_IMAGES = 32  # validation images shown with the model's guess, the same ones every epoch
-GRID_COLUMNS = 8  # so 4 rows of 8
+GRID_COLUMNS = 4  # so 8 rows of 4, each image 3 times MNIST's size: 356 pixels across, barely shrunk
+GRID_SCALE = 3
+GRID_PADDING = 4  # white pixels between the images
+FONT_SIZE = 16  # pixels; text in the pictures, about 15 on screen in the card
 
 
 class ValidationPictures(pl.Callback):
@@ -542,21 +600,24 @@ class ValidationPictures(pl.Callback):
 
 
 def predictions_grid(images: torch.Tensor, predictions: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Normalised images in a grid, each framed and labelled with the model's guess: green if right, red if wrong."""
+    """Normalised images in a grid, each framed and labelled with the model's guess: green if right,
+    red and followed by the true digit if wrong ("7, is 1")."""
     pixels = (images.float().cpu() * MNIST_STD + MNIST_MEAN).clamp(0, 1)  # undo the normalisation
-    pixels = F.interpolate(pixels, scale_factor=2)  # 56x56 pixels, room for a label in a corner
-    size, padding = pixels.shape[-1], 4
-    grid = make_grid(pixels, nrow=GRID_COLUMNS, padding=padding, pad_value=1)  # (3, height, width) in [0, 1]
-    frames, captions, colours = [], [], []
+    pixels = F.interpolate(pixels, scale_factor=GRID_SCALE)  # room for a caption in a corner
+    size = pixels.shape[-1]
+    grid = to_pil_image(make_grid(pixels, nrow=GRID_COLUMNS, padding=GRID_PADDING, pad_value=1))
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default(size=FONT_SIZE)
     for index, (predicted, true) in enumerate(zip(predictions.tolist(), labels.tolist(), strict=True)):
         row, column = divmod(index, GRID_COLUMNS)
-        left, top = padding + column * (size + padding), padding + row * (size + padding)
-        frames.append((left, top, left + size - 1, top + size - 1))
-        captions.append(str(predicted) if predicted == true else f"{predicted}, is {true}")
-        colours.append("green" if predicted == true else "red")
-    return draw_bounding_boxes(
-        grid, torch.tensor(frames), captions, colours, width=2, fill_labels=True, label_colors="white"
-    )
+        left, top = GRID_PADDING + column * (size + GRID_PADDING), GRID_PADDING + row * (size + GRID_PADDING)
+        colour = "green" if predicted == true else "red"
+        caption = str(predicted) if predicted == true else f"{predicted}, is {true}"
+        draw.rectangle((left, top, left + size - 1, top + size - 1), outline=colour, width=2)
+        text_right, text_bottom = draw.textbbox((left + 3, top + 1), caption, font=font)[2:]
+        draw.rectangle((left, top, text_right + 3, text_bottom + 3), fill=colour)
+        draw.text((left + 3, top + 1), caption, fill="white", font=font)
+    return pil_to_tensor(grid)
 
 
 CELL = 40  # pixels a side of a confusion-matrix cell, room for a count of 5,000
@@ -595,33 +656,58 @@ def confusion_picture(counts: torch.Tensor) -> torch.Tensor:
 def lr_find_picture(rates: list[float], losses: list[float], suggestion: float | None) -> torch.Tensor:
     """The learning-rate finder's loss against the learning rate, on a log scale, with its
     suggestion as a red dot (what Lightning's lr_finder.plot draws, without matplotlib)."""
-    width, height, margin = 480, 320, 50
+    width, height, left_margin, bottom_margin, top_margin = CARD_WIDTH, 250, 52, 44, 24
     points = [(math.log10(rate), loss) for rate, loss in zip(rates, losses, strict=True) if math.isfinite(loss)]
-    (left, right), (low, high) = ((min(axis), max(axis)) for axis in zip(*points, strict=True))
+    (first, last), (low, high) = ((min(axis), max(axis)) for axis in zip(*points, strict=True))
+    ticks = loss_ticks(low, high)
+    low, high = ticks[0], ticks[-1]  # the axis runs from tick to tick
 
     def at(x: float, y: float) -> tuple[float, float]:
-        across = (x - left) / ((right - left) or 1)
-        up = (y - low) / ((high - low) or 1)
-        return margin + across * (width - 1.5 * margin), height - margin - up * (height - 1.5 * margin)
+        across = (x - first) / ((last - first) or 1)
+        up = (y - low) / (high - low)
+        return left_margin + across * (width - left_margin - 12), height - bottom_margin - up * (
+            height - bottom_margin - top_margin
+        )
 
-    font = ImageFont.load_default(size=12)
+    font = ImageFont.load_default(size=FONT_SIZE - 2)
     picture = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(picture)
-    draw.line([at(left, high), at(left, low), at(right, low)], fill="black")  # the axes
-    for power in range(math.ceil(left), math.floor(right) + 1):  # 1e-05, 1e-04, ...
+    draw.line([at(first, high), at(first, low), at(last, low)], fill="black")  # the axes
+    powers = range(math.ceil(first), math.floor(last) + 1)  # 1e-05, 1e-04, ...
+    stride = math.ceil(len(powers) * 40 / (width - left_margin))  # a label needs about 40 pixels
+    for power in powers[::stride]:
         x, y = at(power, low)
         draw.line([(x, y), (x, y + 4)], fill="black")
         draw.text((x, y + 6), f"1e{power}", fill="black", font=font, anchor="mt")
-    for loss in (low, high):
-        x, y = at(left, loss)
-        draw.text((x - 6, y), f"{loss:.2f}", fill="black", font=font, anchor="rm")
-    draw.text((width / 2, height - 14), "learning rate", fill="black", font=font, anchor="mm")
-    draw.text((margin, margin / 4), "loss", fill="black", font=font, anchor="lt")
+    for loss in ticks:
+        x, y = at(first, loss)
+        draw.line([(x - 4, y), (x, y)], fill="black")
+        draw.text((x - 6, y), f"{loss:.{tick_decimals(ticks)}f}", fill="black", font=font, anchor="rm")
+    draw.text((width / 2, height - 10), "learning rate", fill="black", font=font, anchor="ms")
+    draw.text((4, 4), "loss", fill="black", font=font, anchor="lt")
     draw.line([at(x, y) for x, y in points], fill=BLUE, width=2)
     if suggestion is not None:
         x, y = at(*min(points, key=lambda point: abs(point[0] - math.log10(suggestion))))
         draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill="red")
     return pil_to_tensor(picture)
+
+
+def loss_ticks(low: float, high: float) -> list[float]:
+    """Round values for the loss axis, 1, 2 or 5 times a power of ten apart, from at or below
+    low to at or above high: 3 to 7 of them, so the axis reads at a glance."""
+    if high - low <= 1e-9 * max(abs(low), abs(high), 1e-9):  # flat, to float precision: an axis around it
+        margin = 0.05 * abs(low) or 0.5
+        low, high = low - margin, high + margin
+    spread = high - low
+    power = 10 ** math.floor(math.log10(spread / 5))
+    step = next(power * multiple for multiple in (1, 2, 5, 10) if spread / (power * multiple) <= 5)
+    start, end = math.floor(low / step), math.ceil(high / step)
+    return [index * step for index in range(start, max(end, start + 1) + 1)]
+
+
+def tick_decimals(ticks: list[float]) -> int:
+    """Decimals enough to tell the ticks apart: 0.05 apart, two."""
+    return max(0, -math.floor(math.log10(ticks[1] - ticks[0]) + 1e-9))
 
 
 ## Runs: a folder of their own, checkpoints that survive a crash, the Trainer
@@ -884,6 +970,15 @@ class StopOnSignal(pl.Callback):
             raise Stopped(signum)  # Lightning saves last.ckpt, then passes it on to main()
 
 
+class NotebookProgressBar(TQDMProgressBar):
+    """Lightning's progress bar without the validation bar it draws under the training bar. A
+    Jupyter notebook ignores the cursor movements that keep one bar under another, so each
+    validation would leave its lines piled up; the training bar still shows val_loss and val_acc."""
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+
 @rank_zero_only
 def claim_run_folder(save_dir: Path) -> int:
     """The number N of a new save_dir/lightning_logs/version_N folder, made by this call."""
@@ -957,7 +1052,7 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
                 StopWhenDiverged(),
                 StopOnSignal(),
                 # Redrawing the bar at every step of a fast net costs more than the step itself.
-                TQDMProgressBar(refresh_rate=LOG_EVERY_N_STEPS),
+                (NotebookProgressBar if "ipykernel" in sys.modules else TQDMProgressBar)(LOG_EVERY_N_STEPS),
             ],
             logger=logger or False,
             plugins=[AtomicCheckpointIO()],
@@ -1327,12 +1422,30 @@ def report_results(
         # One row per run: its whole configuration beside the accuracies of the weights tested,
         # on the validation images (the best epoch's) and on the test images.
         config = {**vars(args), **model.hparams}  # the model's: after --lr-find, the rate it trained with
+        # TensorBoard's table shows 5 columns at first: those whose values differ between the runs
+        # shown (lr, epochs, hidden size, ...), then the rest by name. It can tell which differ only
+        # when no run fixes the columns with an "experiment" summary, which Lightning's
+        # log_hyperparams writes; so each run writes its values and results alone. A flag reads as
+        # true or false (TensorBoard shows a bool as 0.0000 or 1.0000), and an unset one as None.
+        config = {name: str(value).lower() if isinstance(value, bool) else value for name, value in config.items()}
+        config = {name: "None" if value is None else value for name, value in config.items()}
         val_acc = trainer.checkpoint_callback.best_model_score
         metrics = {"hp/test_acc": test_acc} | ({"hp/val_acc": val_acc.item()} if val_acc is not None else {})
-        trainer.logger.log_hyperparams(config, metrics)
+        trainer.logger.log_metrics(metrics)
+        _, session_start, session_end = hparams(config, metrics)
+        writer = trainer.logger.experiment.file_writer  # reopened by log_metrics after Lightning's finalize
+        writer.add_summary(session_start)
+        writer.add_summary(session_end)
         trainer.logger.finalize("success")  # writes them out; Lightning finalized the logger after the test
     best = shown(tested) if tested else "(none: no epoch was validated and saved; tested the last weights)"
     answer(f"Test accuracy: {100 * test_acc:.2f}%")
+    if args.fast_dev_run:
+        # A learner takes "41.00%" for a broken model; it is the point of the flag that it is no result.
+        batches = f"{args.fast_dev_run} batch{'es' if args.fast_dev_run > 1 else ''}"
+        answer(
+            f"(--fast-dev-run: that is the accuracy on {batches} of test images after {batches} of training, "
+            "a check that the code runs, not a result. Leave the flag out to train the model.)"
+        )
     answer(f"Best checkpoint: {best}")
     if trainer.logger:
         answer(f"Run folder: {shown(trainer.logger.log_dir)}")

@@ -73,13 +73,31 @@ def tiny_mnist(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("tiny_mnist"))
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Say why a test skipped (real MNIST or a GPU missing) without -rs: a skip is not a pass.
+    chars = config.option.reportchars
+    if not {"s", "a", "A", "N"} & set(chars):
+        config.option.reportchars = chars + "s"
+
+
+def real_mnist_folder(root: Path = ROOT) -> tuple[Path | None, str]:
+    """The folder holding the real MNIST/raw/, from MNIST_DATA_DIR or else ./data of the repository
+    (where a run of the script downloads it); or None and why not."""
+    named = os.environ.get("MNIST_DATA_DIR")
+    folder = Path(named) if named else root / "data"
+    if all((folder / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
+        return folder.resolve(), ""
+    where = f"MNIST_DATA_DIR={named}" if named else "./data (MNIST_DATA_DIR is not set)"
+    return None, f"real MNIST needed: {where} holds no MNIST/raw/; run the script once, or set MNIST_DATA_DIR"
+
+
 @pytest.fixture(scope="session")
 def real_mnist() -> Path:
-    """The real MNIST named by MNIST_DATA_DIR, or skip."""
-    folder = os.environ.get("MNIST_DATA_DIR")
-    if not folder or not all((Path(folder) / "MNIST" / "raw" / name).is_file() for name in MNIST_FILES):
-        pytest.skip("set MNIST_DATA_DIR to a folder holding MNIST/raw/ to run tests on real data")
-    return Path(folder).resolve()
+    """The real MNIST (see real_mnist_folder), or skip."""
+    folder, why_not = real_mnist_folder()
+    if folder is None:
+        pytest.skip(why_not)
+    return folder
 
 
 @pytest.fixture(scope="session")

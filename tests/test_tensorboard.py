@@ -8,31 +8,45 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import run_script
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from lightning_mnist import (
     BLUE,
+    CARD_WIDTH,
     CELL,
     EMPTY,
+    FONT_SIZE,
     GRID_COLUMNS,
     GRID_IMAGES,
+    GRID_PADDING,
+    GRID_SCALE,
     MNIST_MEAN,
     MNIST_STD,
     RED,
     LitNeuralNet,
     confusion_picture,
+    loss_ticks,
+    lr_find_picture,
     parse_args,
     predictions_grid,
+    tick_decimals,
 )
 
-PREDICTIONS_SIZE = (484, 244)  # 8 x 4 images of 56 x 56 pixels, 4 pixels apart
+# Rows and columns of images 28 * GRID_SCALE pixels a side, GRID_PADDING apart and around.
+PREDICTIONS_SIZE = tuple(
+    GRID_PADDING + count * (28 * GRID_SCALE + GRID_PADDING) for count in (GRID_COLUMNS, GRID_IMAGES // GRID_COLUMNS)
+)
+LR_FIND_SIZE = (CARD_WIDTH, 250)
 CONFUSION_SIZE = (11 * CELL, 11 * CELL + CELL // 2)  # 10 x 10 cells, the digits and a caption
 
 
@@ -59,22 +73,63 @@ def test_predictions_grid_frames_each_image_with_its_guess_green_if_right_red_if
     predictions = labels.clone()
     wrong = [3, 17, 30]
     predictions[wrong] = (labels[wrong] + 1) % 10
-    grid = predictions_grid(images, predictions, labels)
+    grid = predictions_grid(images, predictions, labels).int()
     assert (grid.shape[2], grid.shape[1]) == PREDICTIONS_SIZE and grid.shape[0] == 3
-    green, red = torch.tensor([0, 128 / 255, 0]), torch.tensor([1.0, 0, 0])
+    green, red = torch.tensor([0, 128, 0]), torch.tensor([255, 0, 0])
+    side = 28 * GRID_SCALE
     for index in range(GRID_IMAGES):
         row, column = divmod(index, GRID_COLUMNS)
-        left, top = 4 + 60 * column, 4 + 60 * row  # 56x56 cells, 4 pixels apart
-        # The image itself, un-normalised, clear of its label and its frame.
-        image = grid[:, top + 30 : top + 52, left + 4 : left + 52]
-        assert torch.allclose(image, torch.full_like(image, 1.0 if index % 2 else 0.0), atol=1 / 255), index
-        frame = grid[:, top + 40, left]  # the left edge, below the label
-        assert torch.allclose(frame, red if index in wrong else green, atol=1 / 255), index
-        # The label in the top left corner: white text on the frame's colour.
-        label = grid[:, top + 2 : top + 14, left + 2 : left + 14].flatten(1).T
-        background = (label - (red if index in wrong else green)).abs().amax(dim=1) < 1 / 255
-        text = label.amin(dim=1) > 0.5  # white, or nearly where it is smoothed into the background
-        assert background.sum() > 20 and text.sum() > 5, index
+        left, top = GRID_PADDING + (side + GRID_PADDING) * column, GRID_PADDING + (side + GRID_PADDING) * row
+        colour = red if index in wrong else green
+        # The image itself, un-normalised, clear of its caption and its frame.
+        image = grid[:, top + side // 2 : top + side - 3, left + 3 : left + side - 3]
+        assert ((image - (255 if index % 2 else 0)).abs() <= 1).all(), index
+        assert (grid[:, top + side // 2, left] == colour).all(), index  # the frame's left edge, below the caption
+        # The caption in the top left corner: white text on the frame's colour, as tall as the font.
+        caption = grid[:, top : top + side // 2, left : left + side].flatten(1).T
+        background = (caption == colour).all(dim=1)
+        text = caption.amin(dim=1) > 128  # white, or nearly where it is smoothed into the background
+        assert background.sum() > 100 and text.sum() > 10, index
+        # The caption's box, inside the 2-pixel frame: as tall as the font, and wider for "1, is 0" than for "1".
+        rows = (grid[:, top : top + side, left + 2] == colour[:, None]).all(dim=0).nonzero()
+        assert rows.max() - rows.min() >= FONT_SIZE, index
+        columns = (grid[:, top + 2, left : left + side - 2] == colour[:, None]).all(dim=0).nonzero()
+        assert (columns.max() > side // 2) == (index in wrong), index
+
+
+def test_the_pictures_fit_tensorboards_card_and_their_text_is_not_shrunk_below_readable():
+    # The card shrinks a picture wider than CARD_WIDTH to fit: text drawn at FONT_SIZE shows at size * scale.
+    for width in (PREDICTIONS_SIZE[0], LR_FIND_SIZE[0]):
+        assert FONT_SIZE * min(1, CARD_WIDTH / width) >= 13, width
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(-10, 100, allow_nan=False), st.floats(0, 50, allow_nan=False))
+def test_the_loss_axis_has_a_few_round_ticks_around_any_curve(low, spread):
+    high = low + spread
+    ticks = loss_ticks(low, high)
+    assert 3 <= len(ticks) <= 7, ticks
+    assert ticks[0] <= low + 1e-9 and ticks[-1] >= high - 1e-9, ticks
+    steps = [after - before for before, after in pairwise(ticks)]
+    assert max(steps) - min(steps) < 1e-9 * max(1, abs(ticks[-1])), ticks
+    mantissa = steps[0] / 10 ** math.floor(math.log10(steps[0]))
+    assert min(abs(mantissa - round_value) for round_value in (1, 2, 5, 10)) < 1e-6, ticks
+    labels = [f"{tick:.{tick_decimals(ticks)}f}" for tick in ticks]
+    assert len(set(labels)) == len(labels) and all(float(label) == pytest.approx(tick) for label, tick in
+                                                   zip(labels, ticks, strict=True)), labels  # fmt: skip
+
+
+def test_lr_find_picture_marks_each_loss_tick_on_its_axis():
+    rates = [10 ** (-6 + index / 20) for index in range(101)]  # 1e-6 to 0.1, as the finder sweeps
+    losses = [2.3 - 1.8 * math.exp(-(((index - 70) / 20) ** 2)) for index in range(101)]
+    picture = lr_find_picture(rates, losses, suggestion=rates[60])
+    assert (picture.shape[2], picture.shape[1]) == LR_FIND_SIZE
+    ticks = loss_ticks(min(losses), max(losses))
+    # The axis: the leftmost black column of pixels; a tick: a short black line just left of it.
+    black = (picture < 60).all(dim=0)
+    axis = int(black.sum(dim=0).argmax())
+    marks = black[:, axis - 4 : axis].all(dim=1).nonzero().flatten().tolist()
+    assert len(marks) >= len(ticks) >= 4, (marks, ticks)
 
 
 def test_confusion_picture_tints_each_cell_by_its_share_of_the_true_digit_and_writes_its_count():
@@ -156,19 +211,29 @@ def test_hparams_tab_shows_the_whole_configuration_and_the_accuracies_of_the_wei
     cwd, _ = tiny_run
     events = read_events(cwd / "lightning_logs" / "version_0")
     content = events.PluginTagToContent(hparams_metadata.PLUGIN_NAME)
-    experiment = hparams_metadata.parse_experiment_plugin_data(content[hparams_metadata.EXPERIMENT_TAG])
-    assert {info.name.tag for info in experiment.metric_infos} == {"hp/val_acc", "hp/test_acc"}
-    # Every flag and every argument of the model, as the run used them.
-    everything = set(vars(parse_args([]))) | set(LitNeuralNet().hparams)
-    assert {info.name for info in experiment.hparam_infos} == everything
     session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
     values = {name: getattr(value, value.WhichOneof("kind")) for name, value in session.hparams.items()}
+    # Every flag and every argument of the model, as the run used them.
+    assert set(values) == set(vars(parse_args([]))) | set(LitNeuralNet().hparams)
     assert values["max_epochs"] == 3 and values["hidden_size"] == 500 and values["seed"] == 42
     assert values["learning_rate"] == pytest.approx(1e-3) and values["precision"] == "32-true"
     # The values the tab shows: the best epoch's validation accuracy (its weights were tested) and the test's.
     val_acc = [event.value for event in events.Scalars("val_acc")]
     assert [event.value for event in events.Scalars("hp/val_acc")] == [max(val_acc)]
     assert [event.value for event in events.Scalars("hp/test_acc")] == [events.Scalars("test_acc")[0].value]
+
+
+def test_hparams_show_flags_as_true_or_false_and_leave_the_columns_to_tensorboard(tiny_run):
+    cwd, _ = tiny_run
+    content = read_events(cwd / "lightning_logs" / "version_0").PluginTagToContent(hparams_metadata.PLUGIN_NAME)
+    # With no run's "experiment" fixing the columns, TensorBoard puts first those that differ between runs.
+    assert hparams_metadata.EXPERIMENT_TAG not in content
+    session = hparams_metadata.parse_session_start_info_plugin_data(content[hparams_metadata.SESSION_START_INFO_TAG])
+    values = {name: getattr(value, value.WhichOneof("kind")) for name, value in session.hparams.items()}
+    flags = [name for name, value in vars(parse_args([])).items() if isinstance(value, bool)]
+    assert flags and all(values[name] == "false" for name in flags), {name: values[name] for name in flags}
+    assert values["max_epochs"] == 3  # numbers stay numbers: the table sorts and filters them as such
+    assert values["gpus"] == "None"  # unset
 
 
 ## The same run, read back by the real TensorBoard
@@ -237,11 +302,16 @@ def test_tensorboard_serves_the_scalars_the_pictures_and_the_hparams(tiny_run, t
                  "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]}  # fmt: skip
         rows = {row["name"]: row for row in get_json(f"{base}/hparams/session_groups", post=query)["sessionGroups"]}
         assert set(rows) == {"version_0", "version_1"}  # the two runs, told apart by their max_epochs
+        # The table's first columns, which it shows without scrolling: what differs between the runs.
+        columns = get_json(f"{base}/hparams/experiment", post={"experimentName": ""})["hparamInfos"]
+        assert columns[0]["name"] == "max_epochs" and columns[0]["differs"], columns[:2]
+        assert not any(column.get("differs") for column in columns[1:]), columns
         assert (rows["version_0"]["hparams"]["max_epochs"], rows["version_1"]["hparams"]["max_epochs"]) == (3, 2)
         row = rows["version_0"]
         assert row["hparams"]["hidden_size"] == 500 and row["hparams"]["learning_rate"] == pytest.approx(1e-3)
+        # TensorBoard offers every scalar of the run as a metric column; these two are the run's result.
         served = {value["name"]["tag"]: value["value"] for value in row["metricValues"]}
-        assert served == {
+        assert {tag: served[tag] for tag in ("hp/val_acc", "hp/test_acc")} == {
             "hp/val_acc": pytest.approx(max(event.value for event in expected.Scalars("val_acc"))),
             "hp/test_acc": pytest.approx(expected.Scalars("test_acc")[0].value),
         }
