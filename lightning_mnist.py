@@ -199,22 +199,30 @@ class Result(NamedTuple):
     run_folder: str | None  # lightning_logs/version_N, for tensorboard --logdir
 
 
-def train_and_test(**flags) -> Result:
+def train_and_test(args: argparse.Namespace | None = None, run: dict | None = None, **flags) -> Result:
     """Train, validate and test once, as `python lightning_mnist.py` does:
     train_and_test(max_epochs=2, fast_dev_run=False, gpus=None). The keywords are the command
     line's flags, dashes as underscores (lr for --lr), and are checked as the command line is."""
-    args = parse_args(flags_to_argv(flags))
+    args = args or parse_args(flags_to_argv(flags))
+    run = {} if run is None else run  # where main() follows the run, to say where a signal stopped it
     pl.seed_everything(args.seed, workers=True)
     # The video: model = LitNeuralNet(input_size, hidden_size, num_classes)
     model = LitNeuralNet(**model_arguments(args))
     # The video: trainer = Trainer(fast_dev_run=False, max_epochs=num_epochs, gpus=1), and the
     # rest of the Trainer's options it shows; build_trainer turns each flag into its 2.x name.
-    trainer = build_trainer(args)
+    trainer = run["trainer"] = build_trainer(args)
     run_folder = trainer.logger.log_dir if trainer.logger else None  # the learning-rate finder swaps the logger
+    run["folder"] = run_folder and Path(run_folder)
     if args.lr_find:
+        run["phase"] = "the learning-rate finder"
         find_learning_rate(trainer, model)  # the video's Trainer(auto_lr_find=True)
+    run["phase"] = "training"
     trainer.fit(model, ckpt_path=args.ckpt_path)  # the video's trainer.fit(model)
+    run["phase"] = "after training"
+    if noted_signal(trainer):  # in the last validation, with no training step after it to stop at
+        raise Stopped(noted_signal(trainer))
     # Beyond the video: one test, on images no epoch has seen, with the weights that validated best.
+    run["phase"] = "the final test"
     best_checkpoint = checkpoint_to_test(trainer, args)
     test_acc = trainer.test(model, ckpt_path=best_checkpoint)[0]["test_acc"]
     if rank_zero_only.rank == 0:
@@ -1316,7 +1324,7 @@ def main(argv: list[str] | None = None) -> int:
     signal's number after a stop signal: 130 after Ctrl-C, 143 after SIGTERM, 129 after SIGHUP."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    trainer, folder, phase = None, None, "set-up"
+    run = {"trainer": None, "folder": None, "phase": "set-up"}  # train_and_test fills it in as it goes
     # Every stop signal stops the run at once, except in Lightning's loops (see StopOnSignal).
     handlers = {signum: signal.signal(signum, stop_at_once) for signum in STOP_SIGNALS}
     stdout = sys.stdout
@@ -1328,33 +1336,16 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise RunError(problem)
         if args.predict:
-            phase = "prediction"
+            run["phase"] = "prediction"
             return predict(args)
-        pl.seed_everything(args.seed, workers=True)
-        model = LitNeuralNet(**model_arguments(args))
-        trainer = build_trainer(args)
-        folder = Path(trainer.logger.log_dir) if trainer.logger else None  # the learning-rate finder swaps the logger
-        if args.lr_find:
-            phase = "the learning-rate finder"
-            find_learning_rate(trainer, model)
-        phase = "training"
-        trainer.fit(model, ckpt_path=args.ckpt_path)
-        phase = "after training"
-        signum = noted_signal(trainer)
-        if signum:  # in the last validation, with no training step after it to stop at
-            raise Stopped(signum)
-        phase = "the final test"
-        tested = checkpoint_to_test(trainer, args)
-        results = trainer.test(model, ckpt_path=tested)
-        if rank_zero_only.rank == 0:
-            report_results(trainer, model, args, results[0]["test_acc"], tested)
+        train_and_test(args, run)
         return 0
     except Stopped as stop:
-        return report_interruption(stop.signal, trainer, folder, phase, args, argv)
+        return report_interruption(stop.signal, run, args, argv)
     except ProcessExitedException as stop:  # --strategy ddp_spawn: its processes stopped as above, or died
         if stop.exit_code - 128 in STOP_SIGNALS:
             stopped_by = signal.Signals(stop.exit_code - 128)
-            return report_interruption(stopped_by, trainer, folder, phase, args, argv, spawned=True)
+            return report_interruption(stopped_by, run, args, argv, spawned=True)
         how = stop.signal_name or f"exit status {stop.exit_code}"
         return report_problem(
             RunError(
@@ -1367,8 +1358,8 @@ def main(argv: list[str] | None = None) -> int:
         error = spawned_problem(error) if isinstance(error, ProcessRaisedException) else error
         if not is_problem(error):
             raise  # a bug of this script, whose traceback says where
-        discard_unused_run_folder(folder)
-        return report_problem(error, after_progress_bar=phase not in ("set-up", "prediction"))
+        discard_unused_run_folder(run["folder"])
+        return report_problem(error, after_progress_bar=run["phase"] not in ("set-up", "prediction"))
     finally:
         sys.stdout = stdout
         for signum, handler in handlers.items():
@@ -1453,18 +1444,13 @@ def report_results(
 
 
 def report_interruption(
-    stopped_by: signal.Signals,
-    trainer: pl.Trainer | None,
-    folder: Path | None,
-    phase: str,
-    args: argparse.Namespace,
-    argv: list[str],
-    spawned: bool = False,
+    stopped_by: signal.Signals, run: dict, args: argparse.Namespace, argv: list[str], spawned: bool = False
 ) -> int:
     """Say on stderr where a stop signal stopped the run, and how to continue it; the exit status
     is 128 + the signal's number, what a shell or a scheduler reports for a process it stopped."""
     if rank_zero_only.rank != 0:
         return 128 + stopped_by
+    trainer, folder, phase = run["trainer"], run["folder"], run["phase"]
     last = folder / "checkpoints" / "last.ckpt" if folder else None  # build_trainer's `last`
     saved = torch.load(last, map_location="cpu", weights_only=True) if last and last.is_file() else None
     if spawned and saved:
