@@ -737,13 +737,14 @@ def filter_warnings() -> None:
     """Put this script's warnings filters in front of all others (PYTHONWARNINGS=error, say)."""
     # Called by main(), not at import: filters set then would be lost when a notebook or a test
     # imports this module inside warnings.catch_warnings(), and come behind any set later.
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
     # Lightning's advice about a run's settings (fewer batches than the logging interval, a run
     # resumed in the middle of an epoch) is shown, and never made an error by PYTHONWARNINGS=error:
     # a run is not stopped for advice. Any other warning made an error ends in one `error:` line.
     warnings.filterwarnings("default", category=PossibleUserWarning)
+    # Each filter goes in front of those before it: the ones below win over the line above.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
 
 
 filter_warnings()  # also for the processes of --strategy ddp_spawn, which import this module and never run main()
