@@ -410,11 +410,6 @@ def test_one_nan_weight_among_all_ends_training_with_one_error(poisoned_run):
     assert "Test accuracy" not in out
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="today Lightning's save_on_exception writes last.ckpt with the NaN weight; the `signals` branch "
-    "refuses to save non-finite weights: drop this mark when it is merged",
-)
 def test_one_nan_weight_leaves_no_checkpoint_holding_it(poisoned_run):
     *_, logs = poisoned_run
     checkpoints = sorted(logs.rglob("*.ckpt"))
