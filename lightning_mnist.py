@@ -1100,6 +1100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             "--fast-dev-run checks the code on new weights and saves nothing; to test a checkpoint, continue "
             "its run with --ckpt-path alone"
         )
+    if args.max_epochs == 0 or args.limit_train_batches == 0:
+        # Lightning would test the untrained weights and leave a run folder without a checkpoint.
+        zero = "--max-epochs 0" if args.max_epochs == 0 else f"--limit-train-batches {args.limit_train_batches}"
+        parser.error(f"{zero} trains nothing: give at least 1 (--max-epochs -1 trains with no end)")
     if args.gpus is not None and (args.accelerator != "auto" or args.devices != "auto"):
         parser.error("--gpus N already means --accelerator gpu --devices N; give one or the other")
     if args.ckpt_path is not None and not Path(args.ckpt_path).is_file():

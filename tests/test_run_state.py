@@ -283,6 +283,15 @@ def test_counts_too_large_for_torch_or_the_machine_are_refused(flags, capsys):
     assert f"argument {flags[0]}: expected" in refused(capsys, *flags)
 
 
+@pytest.mark.parametrize(
+    "flags", [["--max-epochs", "0"], ["--limit-train-batches", "0"], ["--limit-train-batches", "0.0"]]
+)
+def test_a_run_that_would_train_nothing_is_refused(flags, capsys):
+    assert refused(capsys, *flags).endswith(
+        f"{' '.join(flags)} trains nothing: give at least 1 (--max-epochs -1 trains with no end)"
+    )
+
+
 def test_the_precision_recorded_is_the_one_lightning_runs(in_tmp_path, capsys):
     args = parse_args(["--precision", "16-mixed", "--accelerator", "cpu"])
     trainer = build_trainer(args)
