@@ -302,19 +302,6 @@ def test_no_checkpoint_says_how_to_train_one_or_pass_ckpt_path(tmp_path, monkeyp
     assert sorted(path.name for path in Path("lightning_logs").iterdir()) == ["version_0", "version_1"]
 
 
-def test_the_best_checkpoint_of_the_newest_run_that_saved_one_is_used(drawn_run, tmp_path):
-    (checkpoint,) = list(drawn_run.glob("lightning_logs/version_0/checkpoints/epoch=*.ckpt"))
-    logs = tmp_path / "lightning_logs"
-    for name in ("version_2/checkpoints/epoch=1-val_acc=0.9900.ckpt", "version_10/checkpoints/epoch=0-val_acc=0.8000.ckpt",
-                 "version_10/checkpoints/epoch=3-val_acc=0.9500.ckpt", "version_10/checkpoints/epoch=5-val_acc=0.9000.ckpt",
-                 "version_11/checkpoints/last.ckpt", "version_x/checkpoints/epoch=9-val_acc=1.0000.ckpt"):  # fmt: skip
-        (logs / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(checkpoint, logs / name)
-    # version_10 is newer than version_2 (numbers, not text); version_11 saved only its last epoch.
-    assert newest_best_checkpoint(logs) == logs / "version_10/checkpoints/epoch=3-val_acc=0.9500.ckpt"
-    assert newest_best_checkpoint(tmp_path / "nowhere") is None
-
-
 def test_ckpt_path_chooses_the_weights(drawn_test_digits, in_drawn_run, capsys):
     Image.fromarray(drawn_test_digits[0][0].numpy()).save("digit.png")
     (checkpoint,) = list(Path("lightning_logs").glob("version_0/checkpoints/epoch=*.ckpt"))
