@@ -23,7 +23,7 @@ from lightning_mnist import (
     prepare_digit,
 )
 
-PREDICTION = re.compile(r"^(.+): (\d) \((\d+\.\d)%; next (\d) at (\d+\.\d)%\)$")
+PREDICTION = re.compile(r"^(.+): (\d) \((\d+\.\d)%; next (\d) at (\d+\.\d)%\)(?:; unsure: [^:]+)?$")
 FORMS = tuple(digit_forms(torch.zeros(28, 28, dtype=torch.uint8)))
 
 
