@@ -23,7 +23,7 @@ from lightning_mnist import (
     prepare_digit,
 )
 
-PREDICTION = re.compile(r"^(.+): (\d) \((\d+\.\d)%; next (\d) at (\d+\.\d)%\)$")
+PREDICTION = re.compile(r"^(.+): (\d) \((\d+\.\d)%; next (\d) at (\d+\.\d)%\)(?:; unsure: [^:]+)?$")
 FORMS = tuple(digit_forms(torch.zeros(28, 28, dtype=torch.uint8)))
 
 
@@ -81,24 +81,19 @@ def test_predict_step_gives_each_images_probability_of_being_each_digit():
 
 def test_an_mnist_style_digit_saved_as_a_picture_comes_back_as_it_was(drawn_test_digits, tmp_path):
     images, _ = drawn_test_digits
-    unmoved, shifted = [], []
-    for index, image in enumerate(images[:100]):
+    images = images[:100].float() / 255
+    prepared = []
+    for index, image in enumerate(images):
         path = tmp_path / f"{index}.png"
-        Image.fromarray(image.numpy()).save(path)
-        prepared = prepare_digit(path)
-        assert prepared.shape == (1, 28, 28) and prepared.dtype == torch.float32
-        pixels = prepared[0] * MNIST_STD + MNIST_MEAN  # back to 0-1
-        difference = {
-            (down, right): (pixels.roll((down, right), dims=(0, 1)) - image / 255).abs().mean().item()
-            for down in (-1, 0, 1)
-            for right in (-1, 0, 1)
-        }
-        unmoved.append(difference[0, 0])
-        shifted.append(min(difference.values()))
-    # Only faint edge pixels change (those under INK_THRESHOLD, and by resampling) ...
-    assert max(shifted) < 0.01, shifted
-    # ... and a few digits move by a pixel: those whose centre of mass lies about half-way between two.
-    assert sum(difference < 0.01 for difference in unmoved) >= 90, unmoved
+        Image.fromarray((255 * image).byte().numpy()).save(path)
+        digit = prepare_digit(path)
+        assert digit.shape == (1, 28, 28) and digit.dtype == torch.float32
+        prepared.append(digit[0] * MNIST_STD + MNIST_MEAN)  # back to 0-1
+    prepared = torch.stack(prepared)
+    # The strokes are redrawn with MNIST's pen, so their edges change (the font's weights vary more
+    # than MNIST's pens); the digit stays where it was, itself: its ink mostly covers the same pixels.
+    overlap = torch.minimum(prepared, images).sum(dim=(1, 2)) / torch.maximum(prepared, images).sum(dim=(1, 2))
+    assert overlap.min() >= 0.4 and overlap.median() >= 0.6, overlap
 
 
 def test_each_form_of_a_digit_is_read_as_the_digit_fed_as_a_tensor(drawn_test_digits, in_drawn_run, capsys):
@@ -170,12 +165,13 @@ def test_pictures_in_other_formats_and_stored_sideways_are_read_alike(drawn_test
     binary.save(tmp_path / "binary.gif")
     assert Image.open(tmp_path / "binary.gif").info.get("transparency") is not None
     assert torch.equal(prepare_digit(tmp_path / "binary.gif"), prepare_digit(tmp_path / "binary.png"))
-    # Lossy WebP changes pixels a little: the digit read is the same.
+    # Lossy WebP changes pixels a little: the digit read is the same. The strokes' edges are cut at half
+    # the strongest before they are redrawn, so a changed pixel can move an edge, and a probability.
     page.save(tmp_path / "page.webp")
     model = LitNeuralNet.load_from_checkpoint(newest_best_checkpoint(drawn_run / "lightning_logs"))
     with torch.no_grad():
         read = model.predict_step(torch.stack([prepare_digit(tmp_path / "page.webp"), expected["page"]]))
-    assert read.argmax(dim=1).tolist() == [labels[0], labels[0]] and (read[0] - read[1]).abs().max() < 0.05
+    assert read.argmax(dim=1).tolist() == [labels[0], labels[0]] and (read[0] - read[1]).abs().max() < 0.25
     # A camera stores a photo taken sideways as it lies, with an EXIF tag that says how to turn it.
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: turn 90 degrees clockwise to view
@@ -212,8 +208,11 @@ def test_colour_is_read_as_grey_and_any_light_paper_as_background(drawn_test_dig
     # White chalk strokes on transparent white pixels: the paper behind them must be dark.
     chalk = Image.new("RGBA", light.size, (255, 255, 255, 0))
     chalk.putalpha(light)
-    for picture in (blue_on_cream, dim, chalk):
+    for picture in (blue_on_cream, chalk):
         assert (prepare_digit(picture) - expected).abs().mean() < 0.05
+    # The dim one holds 70 shades of ink, not 255: the cut at half the strongest stroke can fall a shade
+    # apart, and the redrawn pen a pixel of the fine frame wider.
+    assert (prepare_digit(dim) - expected).abs().mean() < 0.2
 
 
 ## The command line
