@@ -1684,13 +1684,10 @@ def finder_losses(reported: list[float]) -> list[float]:
 def checkpoint_to_test(trainer: pl.Trainer, args: argparse.Namespace) -> str | None:
     """The best checkpoint of the run, to test once; None for the weights at hand."""
     # The path, rather than ckpt_path="best", says which of the two checkpoints is meant.
-    best = trainer.checkpoint_callback.best_model_path
-    if best and not Path(best).is_file():
-        # A run continued from a checkpoint whose folder is gone, with no epoch since: Lightning
-        # restored the path of that folder's best checkpoint.
-        if rank_zero_only.rank == 0:
-            print(f"The run's best checkpoint, {best}, is gone: testing the weights of {args.ckpt_path}.")
-        return None
+    best = trainer.checkpoint_callback.best_model_path  # RunCheckpoint keeps it only if its file is here
+    if not best and args.ckpt_path and rank_zero_only.rank == 0:
+        # A run continued from a checkpoint whose best is not beside it (copied alone), with no epoch since.
+        print(f"The run's best checkpoint is not beside {shown(args.ckpt_path)}: testing that checkpoint's weights.")
     return best or None  # none when no epoch was validated: fast_dev_run, --limit-val-batches 0
 
 

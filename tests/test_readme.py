@@ -108,7 +108,7 @@ FLAG_VALUES = {
     "lr": st.floats(1e-6, 10, allow_nan=False),
     "batch_size": st.integers(1, 1000),
     "data_dir": st.text(st.characters(categories=["L", "N"]), min_size=1, max_size=8),
-    "max_epochs": st.integers(-1, 100),
+    "max_epochs": st.integers(1, 100) | st.just(-1),
     "fast_dev_run": st.booleans() | st.integers(0, 10),
     "gpus": st.none(),
     "lr_find": st.booleans(),

@@ -102,10 +102,10 @@ def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(
     assert re.findall(r"Stopped by SIGTERM in epoch 1 at step (\d+)\. Continue it with:", run.output) == [
         str(saved["global_step"])
     ]
-    commands = re.findall(r"^  (python .+)$", run.output, re.MULTILINE)
+    commands = re.findall(r"^  (.+ --ckpt-path .+)$", run.output, re.MULTILINE)
     assert len(commands) == 1
     command = shlex.split(commands[0])
-    assert command[1:] == [str(SCRIPT), *flags, "--ckpt-path", str(checkpoint)]
+    assert command == [sys.executable, str(SCRIPT), *flags, "--ckpt-path", str(checkpoint)]  # the Python that ran
 
     resumed = run_script(*command[2:], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
