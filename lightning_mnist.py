@@ -1117,8 +1117,8 @@ class NotebookProgressBar(TQDMProgressBar):
 
 
 @rank_zero_only
-def claim_run_folder(save_dir: Path) -> str:
-    """The name version_N of a new save_dir/lightning_logs/version_N folder, made by this call."""
+def claim_run_folder(save_dir: Path) -> int:
+    """The number N of a new save_dir/lightning_logs/version_N folder, made by this call."""
     # TensorBoardLogger takes the highest version_N it finds plus one, so two runs started at
     # once in one folder can take the same one and overwrite each other's checkpoints. A mkdir
     # either creates the folder or fails, atomically: the run whose mkdir succeeds owns it.
@@ -1136,7 +1136,7 @@ def claim_run_folder(save_dir: Path) -> str:
     while True:
         try:
             (logs / f"version_{version}").mkdir()
-            return f"version_{version}"
+            return version  # a number, which Lightning's progress bar shows whole as v_num
         except FileExistsError:  # another run took it between the search and now
             version += 1
 

@@ -62,7 +62,7 @@ def test_a_folder_another_run_claims_between_the_search_and_the_mkdir_is_left_to
         return mkdir(self, *args, **kwargs)
 
     monkeypatch.setattr(Path, "mkdir", another_run_first)
-    assert claim_run_folder(tmp_path) == "version_5"
+    assert claim_run_folder(tmp_path) == 5
     assert list((tmp_path / "lightning_logs" / "version_4").iterdir()) == [tmp_path / "lightning_logs/version_4/theirs"]
 
 
@@ -78,7 +78,7 @@ def test_odd_folder_names_neither_crash_a_new_run_nor_are_taken_by_it(names, tmp
     odd = {name for name in odd if name not in (".", "..") and len(name.encode()) < 255}
     for name in odd:
         (logs / name).mkdir(parents=True, exist_ok=True)
-    claimed = claim_run_folder(logs.parent)
+    claimed = f"version_{claim_run_folder(logs.parent)}"
     assert claimed not in odd and (logs / claimed).is_dir()
     assert {path.name for path in logs.iterdir()} == odd | {claimed}
 

@@ -334,7 +334,7 @@ def test_run_folders_are_claimed_one_each_even_when_picked_at_once(tmp_path):
     # before either has written anything take the same folder. This one claims it as it picks it.
     assert [pl.loggers.TensorBoardLogger(save_dir=tmp_path / "plain").version for _ in range(2)] == [0, 0]
     (tmp_path / "lightning_logs" / "version_3").mkdir(parents=True)
-    assert [claim_run_folder(tmp_path) for _ in range(2)] == ["version_4", "version_5"]
+    assert [claim_run_folder(tmp_path) for _ in range(2)] == [4, 5]
     assert sorted(path.name for path in (tmp_path / "lightning_logs").iterdir()) == [f"version_{n}" for n in (3, 4, 5)]
 
 
