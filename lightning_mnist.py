@@ -221,8 +221,8 @@ def train_and_test(args: argparse.Namespace | None = None, run: dict | None = No
     run["phase"] = "training"
     trainer.fit(model, ckpt_path=args.ckpt_path)  # the video's trainer.fit(model)
     run["phase"] = "after training"
-    if noted_signal(trainer):  # in the last validation, with no training step after it to stop at
-        raise Stopped(noted_signal(trainer))
+    if signum := noted_signal(trainer):  # in the last validation, with no training step after it to stop at
+        raise Stopped(signum)
     # Beyond the video: one test, on images no epoch has seen, with the weights that validated best.
     run["phase"] = "the final test"
     best_checkpoint = checkpoint_to_test(trainer, args)
