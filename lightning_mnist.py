@@ -1189,6 +1189,12 @@ class RunCheckpoint(ModelCheckpoint):
     # the save ("The dirpath has changed"): a run renamed, remounted or copied to another machine
     # would save a worse epoch as a second best and test it. The score is in the saved state,
     # and the best file is the one in the folder as it is now that stores that score.
+    @property
+    def state_key(self) -> str:
+        # ModelCheckpoint's own key: a checkpoint saved by a plain ModelCheckpoint (this script
+        # before RunCheckpoint, or a copy of it) restores its best here, and ours restores there.
+        return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
     def load_state_dict(self, state_dict: dict) -> None:
         if self.dirpath and state_dict.get("dirpath") != self.dirpath:
             score = state_dict.get("best_model_score")

@@ -42,7 +42,7 @@ def fake_checkpoint(path: Path, score: float | None, step: int) -> Path:
     state = {"monitor": "val_acc", "current_score": None if score is None else torch.tensor(score)}
     last = {"monitor": None, "current_score": None}
     torch.save(
-        {"global_step": step, "callbacks": {"RunCheckpoint{'monitor': 'val_acc'}": state, "RunCheckpoint{}": last}},
+        {"global_step": step, "callbacks": {"ModelCheckpoint{'monitor': 'val_acc'}": state, "ModelCheckpoint{}": last}},
         path,
     )
     return path
@@ -134,6 +134,21 @@ def test_a_run_continued_after_its_folder_moved_keeps_its_best_and_tests_it(
     assert sorted(path.name for path in checkpoints.iterdir()) == ["last.ckpt", "renamed by hand (copy).ckpt"]
     assert torch.load(best_before, weights_only=True)["epoch"] == 0
     assert reported_accuracy(out) == pytest.approx(100 * evaluate(best_before, tiny_mnist), abs=0.006)
+
+
+def test_the_run_state_is_kept_under_model_checkpoints_own_key(trained_run):
+    # A checkpoint saved by a plain ModelCheckpoint (this script before RunCheckpoint) restores
+    # its best into RunCheckpoint, and a RunCheckpoint's into a plain ModelCheckpoint, only so.
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    saved = torch.load(trained_run / "lightning_logs/version_0/checkpoints/last.ckpt", weights_only=True)
+    plain = ModelCheckpoint(monitor="val_acc", mode="max", filename="{epoch}-{val_acc:.4f}")
+    assert saved["callbacks"][plain.state_key]["best_model_score"] is not None
+    trainer = build_trainer(parse_args(["--fast-dev-run"]))  # no run folder
+    assert {callback.state_key for callback in trainer.checkpoint_callbacks} == set(saved["callbacks"]) & {
+        plain.state_key,
+        ModelCheckpoint(filename="last", enable_version_counter=False, save_on_exception=True).state_key,
+    }
 
 
 ## --predict finds the best by what the checkpoints store
