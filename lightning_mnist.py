@@ -1261,7 +1261,10 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
         # Lightning names the precision in full, and falls back to one the hardware has (a CPU
         # has no 16-mixed): say so, and record what the run used.
         if rank_zero_only.rank == 0:
-            print(f"Training in precision {trainer.precision}, which Lightning chose for --precision {args.precision}.")
+            print(
+                f"Training in precision {trainer.precision}, which Lightning chose for --precision {args.precision}.",
+                file=sys.stderr,
+            )
         args.precision = trainer.precision
     return trainer
 
@@ -1667,7 +1670,7 @@ def find_learning_rate(trainer: pl.Trainer, model: LitNeuralNet) -> None:
     model.hparams.learning_rate = suggestion  # what configure_optimizers uses, and hparams.yaml records
     if rank_zero_only.rank != 0:
         return
-    print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.")
+    print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.", file=sys.stderr)
     if trainer.logger and len(rates) > 1:
         picture = lr_find_picture(rates, smoothed, suggestion)
         to_pil_image(picture).save(Path(trainer.logger.log_dir, "lr_find.png"))
@@ -1693,7 +1696,10 @@ def checkpoint_to_test(trainer: pl.Trainer, args: argparse.Namespace) -> str | N
     best = trainer.checkpoint_callback.best_model_path  # RunCheckpoint keeps it only if its file is here
     if not best and args.ckpt_path and rank_zero_only.rank == 0:
         # A run continued from a checkpoint whose best is not beside it (copied alone), with no epoch since.
-        print(f"The run's best checkpoint is not beside {shown(args.ckpt_path)}: testing that checkpoint's weights.")
+        print(
+            f"The run's best checkpoint is not beside {shown(args.ckpt_path)}: testing that checkpoint's weights.",
+            file=sys.stderr,
+        )
     return best or None  # none when no epoch was validated: fast_dev_run, --limit-val-batches 0
 
 

@@ -235,9 +235,9 @@ def test_limit_val_batches_0_trains_without_validation_and_tests_the_last_weight
 def test_lr_find_prints_and_applies_its_suggestion(tiny_mnist, in_tmp_path, capsys):
     # The finder's 100 steps stop at the end of the last epoch, so 20 epochs of 6 batches.
     assert main(["--data-dir", str(tiny_mnist), "--lr-find", "--max-epochs", "20"]) == 0
-    out = capsys.readouterr().out
-    suggested = float(
-        re.search(r"^Learning-rate finder suggests (\S+); training with it\.$", out, re.MULTILINE).group(1)
+    out, err = capsys.readouterr()
+    suggested = float(  # a notice, on stderr: stdout holds the results
+        re.search(r"^Learning-rate finder suggests (\S+); training with it\.$", err, re.MULTILINE).group(1)
     )
     checkpoint = torch.load(best_checkpoint(out), weights_only=False)
     assert checkpoint["hyper_parameters"]["learning_rate"] == pytest.approx(suggested, rel=1e-2)

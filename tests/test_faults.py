@@ -307,8 +307,8 @@ def test_a_checkpoint_whose_run_folder_is_gone_still_resumes_and_tests(finished_
         state["dirpath"] = str(gone / "checkpoints")
     torch.save(checkpoint, copy)
     assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1", "--ckpt-path", str(copy)]) == 0
-    out = capsys.readouterr().out
-    assert f"The run's best checkpoint is not beside {copy}: testing that checkpoint's weights." in out
+    out, err = capsys.readouterr()
+    assert f"The run's best checkpoint is not beside {copy}: testing that checkpoint's weights." in err
     assert reported_accuracy(out) >= 90.0
 
 

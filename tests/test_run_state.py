@@ -312,7 +312,7 @@ def test_the_precision_recorded_is_the_one_lightning_runs(in_tmp_path, capsys):
     trainer = build_trainer(args)
     assert args.precision == trainer.precision == "bf16-mixed"  # what HParams records, from vars(args)
     assert (
-        "Training in precision bf16-mixed, which Lightning chose for --precision 16-mixed." in capsys.readouterr().out
+        "Training in precision bf16-mixed, which Lightning chose for --precision 16-mixed." in capsys.readouterr().err
     )
 
 
