@@ -1653,6 +1653,11 @@ def find_learning_rate(trainer: pl.Trainer, model: LitNeuralNet) -> None:
     lr_finder = Tuner(trainer).lr_find(model, update_attr=False)
     if lr_finder is None:  # fast_dev_run skips it
         return
+    if trainer.logger and rank_zero_only.rank == 0:
+        # The finder's end wrote the run's hparams.yaml with no hyperparameters yet (Lightning 2.6
+        # gives the logger back before that end), and TensorBoardLogger writes the file only when
+        # there is none: without this, the rate the run trains with would never reach it.
+        Path(trainer.logger.log_dir, "hparams.yaml").unlink(missing_ok=True)
     rates, losses = lr_finder.results["lr"], finder_losses(lr_finder.results["loss"])
     # Lightning's own suggestion, the steepest fall of a curve smoothed over about 50 steps of
     # the 100, lags behind the rates: on MNIST it picked 8e-05, which trains to 93.6% where the
@@ -1667,7 +1672,9 @@ def find_learning_rate(trainer: pl.Trainer, model: LitNeuralNet) -> None:
     )
     # Every DDP process ran its own test on its own batches: all train with rank 0's rate.
     suggestion = trainer.strategy.broadcast(rates[lowest] / 10)
-    model.hparams.learning_rate = suggestion  # what configure_optimizers uses, and hparams.yaml records
+    # What configure_optimizers uses; saved as the model's hyperparameters, not set in them, so
+    # that hparams.yaml (written from those the model was built with) records it too.
+    model.save_hyperparameters(model.hparams | {"learning_rate": suggestion})
     if rank_zero_only.rank != 0:
         return
     print(f"Learning-rate finder suggests {suggestion:.3g}; training with it.", file=sys.stderr)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import (
     MNIST_FILES,
     best_checkpoint,
@@ -241,6 +242,8 @@ def test_lr_find_prints_and_applies_its_suggestion(tiny_mnist, in_tmp_path, caps
     )
     checkpoint = torch.load(best_checkpoint(out), weights_only=False)
     assert checkpoint["hyper_parameters"]["learning_rate"] == pytest.approx(suggested, rel=1e-2)
+    recorded = yaml.safe_load((best_checkpoint(out).parent.parent / "hparams.yaml").read_text())
+    assert recorded["learning_rate"] == checkpoint["hyper_parameters"]["learning_rate"]
     assert checkpoint["optimizer_states"][0]["param_groups"][0]["lr"] == checkpoint["hyper_parameters"]["learning_rate"]
     assert checkpoint["hyper_parameters"]["learning_rate"] != 1e-3
     # The finder's plot, its suggestion a red dot, in the run's folder and in TensorBoard.
