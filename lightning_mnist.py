@@ -1017,9 +1017,9 @@ class StopWhenDiverged(pl.Callback):
         # Finite weights can still give outputs that overflow: a validation loss of NaN or infinity.
         if trainer.sanity_checking:
             return
-        for name, value in trainer.callback_metrics.items():
+        for name, value in trainer.callback_metrics.items():  # the validation's, and the last logged train_loss
             if not value.isfinite().all():
-                what = f"the validation gave a {name} of {value.item():g}"
+                what = f"the model's outputs gave a {name} of {value.item():g}"
                 raise Diverged(what, trainer.global_step, pl_module.hparams.learning_rate)
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -1194,6 +1194,13 @@ class RunCheckpoint(ModelCheckpoint):
         # ModelCheckpoint's own key: a checkpoint saved by a plain ModelCheckpoint (this script
         # before RunCheckpoint, or a copy of it) restores its best here, and ours restores there.
         return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:  # before load_state_dict
+        # Checkpoints saved while this class kept its state under its own name restore it too.
+        states = checkpoint.get("callbacks", {})
+        own_name = type(self).__qualname__ + self.state_key.removeprefix("ModelCheckpoint")
+        if own_name in states and self.state_key not in states:
+            states[self.state_key] = states[own_name]
 
     def load_state_dict(self, state_dict: dict) -> None:
         if self.dirpath and state_dict.get("dirpath") != self.dirpath:

@@ -114,13 +114,18 @@ def test_a_copy_named_version_00_is_continued_in_itself_not_in_version_0(
 ## A moved run keeps its best
 
 
+@pytest.mark.parametrize("saved_by", ["ModelCheckpoint", "RunCheckpoint"])
 def test_a_run_continued_after_its_folder_moved_keeps_its_best_and_tests_it(
-    trained_run, tiny_mnist, tmp_path, monkeypatch, capsys
+    saved_by, trained_run, tiny_mnist, tmp_path, monkeypatch, capsys
 ):
     # The whole project folder is renamed, as a copy to another machine or a new mount point does.
     moved = tmp_path / "moved project"
     shutil.copytree(trained_run, moved)
     checkpoints = moved / "lightning_logs" / "version_0" / "checkpoints"
+    # Saved under ModelCheckpoint's key, or RunCheckpoint's, as this script did for a while.
+    last = torch.load(checkpoints / "last.ckpt", weights_only=True)
+    last["callbacks"] = {key.replace("ModelCheckpoint", saved_by): state for key, state in last["callbacks"].items()}
+    torch.save(last, checkpoints / "last.ckpt")
     (best_before,) = [path for path in checkpoints.glob("*.ckpt") if path.name != "last.ckpt"]
     best_before = best_before.rename(checkpoints / "renamed by hand (copy).ckpt")  # content, not names
     monkeypatch.chdir(moved)

@@ -423,7 +423,7 @@ def test_a_loss_that_is_nan_in_validation_only_stops_the_run(tiny_mnist, workdir
 
     monkeypatch.setattr(LitNeuralNet, "validation_step", overflowing)
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--max-epochs", "1")
-    assert error.startswith("error: the validation gave a val_loss of nan by step 6")
+    assert error.startswith("error: the model's outputs gave a val_loss of nan by step 6")
     assert "best" not in " ".join(path.name for path in finite_checkpoints(workdir))
 
 
