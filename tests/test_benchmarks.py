@@ -40,3 +40,16 @@ def test_parity_process_mode_times_both_processes(tiny_mnist, tmp_path):
     assert result.returncode == 0, result.stderr
     for variant in ("plain", "lightning"):
         assert re.search(rf"^{variant} +\d+\.\d+ +\d+\.\d+", result.stdout, re.MULTILINE), result.stdout
+
+
+def test_lr_find_benchmark_compares_the_finders_rate_with_fixed_ones(tiny_mnist, tmp_path):
+    # 20 epochs of the tiny MNIST's 6 batches: enough steps for the finder's 100.
+    args = ("--data-dir", str(tiny_mnist), "--seeds", "0", "--rates", "1e-3", "3e-3", "--max-epochs", "20")
+    result = run_benchmark("lr_find.py", *args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    row = re.search(r"^ +0 +(\S+) +(\d+\.\d\d)% +(\d+\.\d\d)% +(\d+\.\d\d)%$", result.stdout, re.MULTILINE)
+    assert row, result.stdout
+    assert 1e-8 < float(row.group(1)) < 1  # the finder's range
+    assert all(float(accuracy) >= 80 for accuracy in row.groups()[1:])
+    assert re.search(r"^median +\d+\.\d\d% +\d+\.\d\d% +\d+\.\d\d%$", result.stdout, re.MULTILINE)
+    assert not list(tmp_path.iterdir())  # the runs' lightning_logs went to a temp folder
