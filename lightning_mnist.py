@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import errno
 import gzip
+import inspect
 import logging
 import math
 import os
@@ -1357,8 +1358,17 @@ def read_checkpoint(path: str) -> dict:
             f"{path} is not a checkpoint of this script (no LitNeuralNet hyperparameters: weights saved with "
             "torch.save, say): give --ckpt-path a last.ckpt or best checkpoint of a run of this script."
         )
-    with torch.device("meta"):  # the shapes of the weights these hyperparameters make, with no memory for them
-        expected = {name: value.shape for name, value in LitNeuralNet(**hparams).state_dict().items()}
+    # Each of LitNeuralNet's arguments, of its default's type; older checkpoints may lack some.
+    arguments = inspect.signature(LitNeuralNet).parameters
+    if any(
+        name not in arguments or type(value) is not type(arguments[name].default) for name, value in hparams.items()
+    ):
+        raise RunError(f"{path} holds hyperparameters that LitNeuralNet does not take: it is damaged.")
+    try:
+        with torch.device("meta"):  # the shapes of the weights these hyperparameters make, with no memory for them
+            expected = {name: value.shape for name, value in LitNeuralNet(**hparams).state_dict().items()}
+    except RuntimeError as error:  # sizes that make no weights: below 1, say
+        raise RunError(f"{path} holds hyperparameters that make no model: it is damaged.") from error
     found = {name: value.shape for name, value in checkpoint.get("state_dict", {}).items()}
     if found != expected:
         raise RunError(

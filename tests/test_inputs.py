@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SCRIPT, run_script
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import lightning_mnist
@@ -285,6 +285,39 @@ def test_a_damaged_checkpoint_is_read_whole_or_refused_with_its_name(data, small
             return
     # Read whole: what it holds is this script's model, as written (the zip archive survived the damage).
     assert hparams == dict(LitNeuralNet(hidden_size=4).hparams)
+
+
+def hyperparameter_damage():
+    """A checkpoint's hyperparameters, each changed as a flipped byte or a hand edit could: a name, a type, a value."""
+    values = st.one_of(st.integers(-(2**40), 2**40), st.floats(), st.text(max_size=3), st.booleans(), st.none())
+    names = st.sampled_from(list(LitNeuralNet(hidden_size=4).hparams))
+    return st.lists(st.tuples(names, st.sampled_from(["rename", "retype"]), values, st.text(min_size=1, max_size=12)),
+                    min_size=1, max_size=3)  # fmt: skip
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=FIXTURES)
+@given(changes=hyperparameter_damage())
+@example(changes=[("hidden_size", "retype", -4, "")])  # a size that makes no weights
+@example(changes=[("num_classes", "rename", 0, "oum_classes")])  # a flipped byte that a hypothesis run found
+def test_damaged_hyperparameters_are_refused_in_one_line_or_make_the_model(changes, scratch):
+    model = LitNeuralNet(hidden_size=4)
+    hparams = dict(model.hparams)
+    for name, change, value, new_name in changes:
+        if name in hparams:
+            hparams[new_name if change == "rename" else name] = hparams.pop(name) if change == "rename" else value
+    path = scratch / "edited.ckpt"
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, path)
+    try:
+        read = read_checkpoint(str(path))
+    except RunError as error:
+        assert str(error).startswith(f"{path} ") and "\n" not in str(error)
+        return
+    # Accepted: only what builds this very model, with LitNeuralNet's own names and types.
+    rebuilt = LitNeuralNet(**read)
+    assert {name: type(value) for name, value in read.items()} == {name: type(hparams[name]) for name in read}
+    assert {name: value.shape for name, value in rebuilt.state_dict().items()} == {
+        name: value.shape for name, value in model.state_dict().items()
+    }
 
 
 class Reached(Exception):
