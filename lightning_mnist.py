@@ -555,9 +555,11 @@ def grey_and_alpha(picture: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
     return grey, alpha
 
 
-def square_max(pixels: torch.Tensor, window: int) -> torch.Tensor:
-    """The largest value in each window x window square of pixels (N, 1, H, W): along rows, then columns."""
-    return F.max_pool2d(F.max_pool2d(pixels, (1, window), stride=1), (window, 1), stride=1)
+def square_max(pixels: torch.Tensor, window: int, inside: bool = False) -> torch.Tensor:
+    """The largest value in each window x window square of pixels (N, 1, H, W): along rows, then columns.
+    With inside=True, of a square centred on each pixel, of the pixels within the picture."""
+    half = window // 2 if inside else 0
+    return F.max_pool2d(F.max_pool2d(pixels, (1, window), 1, (0, half)), (window, 1), 1, (half, 0))
 
 
 def paper_brightness(grey: torch.Tensor) -> torch.Tensor:
@@ -571,7 +573,20 @@ def paper_brightness(grey: torch.Tensor) -> torch.Tensor:
     small = F.interpolate(grey[None, None], size=[max(1, round(height * scale)), max(1, round(width * scale))],
                           mode="area")  # fmt: skip
     window = max(small.shape) // 2 * 2 + 1  # half the picture: wider than any stroke of a digit that fits in it
-    # Padded by the pixels of the edge, so that the paper's slope reaches to the picture's edge unchanged.
+    # The picture is padded by the pixels of its edge, so that the paper's slope reaches to the edge
+    # unchanged. Where a stroke runs along a whole side (a digit cropped tightly), that would pad with
+    # ink, and the stroke would pass for shadow. So the edge's ink is first painted over with the
+    # paper that a closing of the picture alone finds there, reaching 6 of 32 pixels in: past a
+    # stroke as wide as a sixth of the picture, nearly twice MNIST's pen. Unable to see past the
+    # edge, that closing also lightens the darker side of a page in uneven light, by up to 0.18 in
+    # the dark corner of a vignette: ink is what lies deeper below it than twice MIN_CONTRAST, and
+    # than half the deepest ink.
+    near = max(small.shape) // 5 * 2 + 1
+    inside = -square_max(-square_max(small, near, inside=True), near, inside=True)
+    below = inside - small
+    edge = torch.ones_like(small, dtype=torch.bool)
+    edge[..., 1:-1, 1:-1] = False
+    small = torch.where(edge & (below > max(below.max() / 2, 2 * MIN_CONTRAST)), inside, small)
     lightest = square_max(F.pad(small, [window - 1] * 4, mode="replicate"), window)
     paper = -square_max(-lightest, window)
     return F.interpolate(paper, size=[height, width], mode="bilinear")[0, 0]
