@@ -1375,10 +1375,16 @@ def read_checkpoint(path: str) -> dict:
         )
     # Each of LitNeuralNet's arguments, of its default's type; older checkpoints may lack some.
     arguments = inspect.signature(LitNeuralNet).parameters
-    if any(
-        name not in arguments or type(value) is not type(arguments[name].default) for name, value in hparams.items()
-    ):
-        raise RunError(f"{path} holds hyperparameters that LitNeuralNet does not take: it is damaged.")
+    unknown = [
+        name
+        for name, value in hparams.items()
+        if name not in arguments or type(value) is not type(arguments[name].default)
+    ]
+    if unknown:
+        raise RunError(
+            f"{path} holds hyperparameters that LitNeuralNet does not take ({shown(', '.join(map(str, unknown)))}, "
+            "by name or type): it is damaged, or from another version of this script."
+        )
     try:
         with torch.device("meta"):  # the shapes of the weights these hyperparameters make, with no memory for them
             expected = {name: value.shape for name, value in LitNeuralNet(**hparams).state_dict().items()}
