@@ -1601,6 +1601,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--predict trains nothing, so {', '.join(ignored)} would not apply: leave them out")
     elif args.ckpt_path is not None and args.lr_find:
         parser.error("--lr-find chooses the learning rate of a new run; a run continued with --ckpt-path keeps its own")
+    elif args.learning_rate is not None and args.lr_find:
+        parser.error("--lr-find chooses the learning rate itself: give --lr or --lr-find, not both")
     elif args.ckpt_path is not None and args.fast_dev_run:
         parser.error(
             "--fast-dev-run checks the code on new weights and saves nothing; to test a checkpoint, continue "
@@ -1839,12 +1841,15 @@ def _resume_command(argv: list[str], checkpoint: str | Path) -> str:
     """The command that continues this run from checkpoint: the Python and the script that ran,
     with the run's flags and --ckpt-path set to checkpoint, quoted for a shell."""
     flags, value_follows = [], False
-    for arg in argv:  # leave out the --ckpt-path the run was started with, if any
-        # argparse takes any unambiguous start of a flag's name, with its value after a space or
-        # an "=": --ckpt-path PATH, --ckpt-path=PATH, --ckpt PATH, ...
+    # Left out: the --ckpt-path the run was started with, if any, and --lr-find, which a continued
+    # run refuses (the rate it chose is in the checkpoint). argparse takes any unambiguous start of
+    # a flag's name, with its value after a space or an "=": --ckpt-path PATH, --ckpt-path=PATH,
+    # --ckpt PATH, --lr-f, ... (--lr itself is the rate's flag).
+    for arg in argv:
         name = arg.partition("=")[0]
         is_ckpt_path = len(name) > 2 and "--ckpt-path".startswith(name)
-        if not (value_follows or is_ckpt_path):
+        is_lr_find = len(name) > 2 and name != "--lr" and "--lr-find".startswith(name)
+        if not (value_follows or is_ckpt_path or is_lr_find):
             flags.append(arg)
         value_follows = is_ckpt_path and "=" not in arg
     # The script as it was started; this file when main() was called from other code (a notebook, a test).

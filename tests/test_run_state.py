@@ -263,6 +263,12 @@ def test_lr_find_and_fast_dev_run_are_refused_with_a_checkpoint(trained_run, cap
     )
 
 
+@pytest.mark.parametrize("lr", ["0.001", "0.01"])  # the default given explicitly, too
+def test_lr_is_refused_beside_lr_find_which_would_replace_it(lr, capsys):
+    line = refused(capsys, "--lr", lr, "--lr-find")
+    assert line.endswith("--lr-find chooses the learning rate itself: give --lr or --lr-find, not both")
+
+
 @pytest.mark.parametrize(("flags", "named"), [(["--hidden-size", "500"], "--hidden-size 500"),
                                               (["--batch-size", "100"], "--batch-size 100"),
                                               (["--lr", "0.001"], "--lr 0.001")])  # fmt: skip

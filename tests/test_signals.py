@@ -175,11 +175,16 @@ CKPT_PATH_FORMS = [
 
 @st.composite
 def command_lines(draw) -> list[str]:
-    """A command line of this script's flags, in any order, with values a shell must quote."""
+    """A command line of this script's flags, in any order, with values a shell must quote; and
+    --lr-find in any of its spellings, unless --lr is given."""
     argv = []
-    for flag in draw(st.lists(st.sampled_from(sorted(FLAGS)), unique=True)):
+    flags = draw(st.lists(st.sampled_from(sorted(FLAGS)), unique=True))
+    for flag in flags:
         value = draw(FLAGS[flag])
         argv += [flag] if value is None else draw(st.sampled_from([[flag, value], [f"{flag}={value}"]]))
+    if "--lr" not in flags and draw(st.booleans()):
+        between_flags = [index for index, word in enumerate(argv) if word.startswith("--")] + [len(argv)]
+        argv.insert(draw(st.sampled_from(between_flags)), draw(st.sampled_from(["--lr-find", "--lr-fi", "--lr-"])))
     return argv
 
 
@@ -195,7 +200,8 @@ def test_the_resume_command_is_the_same_command_with_the_new_checkpoint(argv, fo
     started = [*argv[:place], *form(str(old)), *argv[place:]]
     words = shlex.split(_resume_command(started, new))  # as a shell splits the printed line
     assert words[:2] == [sys.executable, str(SCRIPT)]
-    assert vars(parse_args(words[2:])) == vars(parse_args(started)) | {"ckpt_path": str(new)}
+    # The same run, continued: its flags but --lr-find, whose rate the checkpoint holds.
+    assert vars(parse_args(words[2:])) == vars(parse_args(argv)) | {"ckpt_path": str(new), "lr_find": False}
 
 
 ## A second signal
