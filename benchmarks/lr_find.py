@@ -8,6 +8,7 @@ seeds. docs/flags.md quotes its figures.
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import statistics
@@ -23,7 +24,8 @@ import lightning_mnist  # the script, found in the folder above this one
 
 def test_accuracy(data_dir: str, seed: int, max_epochs: int, **flags) -> tuple[float, float]:
     """The rate a default run trained with, and its test accuracy in percent."""
-    result = lightning_mnist.train_and_test(data_dir=data_dir, seed=seed, max_epochs=max_epochs, **flags)
+    with contextlib.redirect_stdout(sys.stderr):  # the runs' progress bars and results: stdout holds the table
+        result = lightning_mnist.train_and_test(data_dir=data_dir, seed=seed, max_epochs=max_epochs, **flags)
     rate = torch.load(result.best_checkpoint, weights_only=False)["hyper_parameters"]["learning_rate"]
     return rate, 100 * result.test_acc
 

@@ -52,4 +52,5 @@ def test_lr_find_benchmark_compares_the_finders_rate_with_fixed_ones(tiny_mnist,
     assert 1e-8 < float(row.group(1)) < 1  # the finder's range
     assert all(float(accuracy) >= 80 for accuracy in row.groups()[1:])
     assert re.search(r"^median +\d+\.\d\d% +\d+\.\d\d% +\d+\.\d\d%$", result.stdout, re.MULTILINE)
+    assert len(result.stdout.splitlines()) == 3  # the table alone: the runs' own output went to stderr
     assert not list(tmp_path.iterdir())  # the runs' lightning_logs went to a temp folder
