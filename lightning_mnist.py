@@ -1123,7 +1123,19 @@ class StopOnSignal(pl.Callback):
             raise Stopped(signum)  # Lightning saves last.ckpt, then passes it on to main()
 
 
-class NotebookProgressBar(TQDMProgressBar):
+class RunProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, whose v_num names a continued run's folder in full."""
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        metrics = super().get_metrics(trainer, pl_module)
+        # A run continued in its folder keeps the name that folder has (run_logger), which
+        # Lightning would cut to its last 4 characters: v_num=on_3 for version_3.
+        if trainer.logger and isinstance(trainer.logger.version, str):
+            metrics["v_num"] = trainer.logger.version
+        return metrics
+
+
+class NotebookProgressBar(RunProgressBar):
     """Lightning's progress bar without the validation bar it draws under the training bar. A
     Jupyter notebook ignores the cursor movements that keep one bar under another, so each
     validation would leave its lines piled up; the training bar still shows val_loss and val_acc."""
@@ -1269,7 +1281,7 @@ def build_trainer(args: argparse.Namespace) -> pl.Trainer:
                 StopWhenDiverged(),
                 StopOnSignal(),
                 # Redrawing the bar at every step of a fast net costs more than the step itself.
-                (NotebookProgressBar if "ipykernel" in sys.modules else TQDMProgressBar)(LOG_EVERY_N_STEPS),
+                (NotebookProgressBar if "ipykernel" in sys.modules else RunProgressBar)(LOG_EVERY_N_STEPS),
             ],
             logger=logger or False,
             plugins=[AtomicCheckpointIO()],

@@ -111,6 +111,17 @@ def test_a_copy_named_version_00_is_continued_in_itself_not_in_version_0(
     assert torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 2
 
 
+def test_the_progress_bar_names_a_continued_run_by_its_folder(trained_run, tiny_mnist, tmp_path, monkeypatch, capsys):
+    shutil.copytree(trained_run / "lightning_logs", tmp_path / "lightning_logs")
+    copy = tmp_path / "lightning_logs" / "version_0 (copy)"
+    (tmp_path / "lightning_logs" / "version_0").rename(copy)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--data-dir", str(tiny_mnist), "--max-epochs", "3", "--ckpt-path", str(copy / "checkpoints" / "last.ckpt")]
+    assert main(argv) == 0
+    bars = capsys.readouterr().out  # Lightning draws its progress bar on stdout
+    assert "v_num=version_0 (copy)," in bars and "v_num=opy)" not in bars
+
+
 ## A moved run keeps its best
 
 
