@@ -146,6 +146,26 @@ def best_checkpoint(output: str) -> Path:
     return Path(found[0])
 
 
+def run_in(folder: Path, argv: list[str], *callbacks: pl.Callback) -> Path:
+    """A run of main(argv) that finished in folder, these callbacks added to its Trainer: the folder,
+    which holds its lightning_logs. For the fixtures that share one trained run between tests."""
+    import lightning_mnist
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.chdir(folder)
+        trainers_with(monkeypatch, *callbacks)
+        assert lightning_mnist.main(argv) == 0
+    return folder
+
+
+@pytest.fixture
+def in_tmp_path(tmp_path, monkeypatch):
+    """Work in a temporary folder, where a run may make lightning_logs; undo what a Trainer sets for torch."""
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    torch.use_deterministic_algorithms(False)
+
+
 def trainers_with(monkeypatch, *callbacks: pl.Callback) -> list[pl.Trainer]:
     """Make main() add these callbacks to its Trainer; the list it returns receives that Trainer."""
     import lightning_mnist
@@ -216,13 +236,7 @@ def drawn_mnist(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def drawn_run(drawn_mnist, tmp_path_factory) -> Path:
     """A folder in which `python lightning_mnist.py` has trained on the drawn digits: it holds lightning_logs."""
-    import lightning_mnist
-
-    cwd = tmp_path_factory.mktemp("drawn_run")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.chdir(cwd)
-        assert lightning_mnist.main(["--data-dir", str(drawn_mnist), "--max-epochs", "10"]) == 0
-    return cwd
+    return run_in(tmp_path_factory.mktemp("drawn_run"), ["--data-dir", str(drawn_mnist), "--max-epochs", "10"])
 
 
 def digit_forms(image: torch.Tensor) -> dict[str, Image.Image]:

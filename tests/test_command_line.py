@@ -25,14 +25,6 @@ from lightning_mnist import build_trainer, main, parse_args
 ## Flags reach the Trainer that main() builds
 
 
-@pytest.fixture
-def in_tmp_path(tmp_path, monkeypatch):
-    """Work in a temporary folder, where build_trainer may make lightning_logs; undo what a Trainer sets for torch."""
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    torch.use_deterministic_algorithms(False)
-
-
 def test_trainer_flags_reach_the_trainer(in_tmp_path):
     flags = ["--max-epochs", "5", "--precision", "bf16-mixed", "--gradient-clip-val", "0.5", "--deterministic",
              "--limit-train-batches", "7", "--limit-val-batches", "0.25", "--accelerator", "cpu", "--devices", "2",

@@ -21,6 +21,7 @@ from conftest import (
     TINY_TRAIN,
     make_digits,
     reported_accuracy,
+    run_in,
     run_script,
     trainers_with,
     write_idx_images,
@@ -42,12 +43,6 @@ def fails(capsys, *argv: str) -> str:
     return errors[0]
 
 
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def nothing_stray(folder: Path) -> None:
     """No temporary file of a checkpoint or of the learning-rate finder is left under folder."""
     assert not [path for path in folder.rglob("*") if path.name.endswith(".tmp") or ".lr_find" in path.name]
@@ -56,14 +51,7 @@ def nothing_stray(folder: Path) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tiny_mnist, tmp_path_factory) -> Path:
     """A folder where a 1-epoch run of the tiny MNIST finished: lightning_logs/version_0."""
-    folder = tmp_path_factory.mktemp("finished_run")
-    here = Path.cwd()
-    os.chdir(folder)
-    try:
-        assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
-    finally:
-        os.chdir(here)
-    return folder
+    return run_in(tmp_path_factory.mktemp("finished_run"), ["--data-dir", str(tiny_mnist), "--max-epochs", "1"])
 
 
 ## Checkpoint files that --ckpt-path cannot use
@@ -92,46 +80,50 @@ def write_object_checkpoint(path: Path) -> None:
     ids=["empty", "truncated", "random bytes", "a state_dict", "python objects", "another architecture"],
 )
 def test_a_checkpoint_that_cannot_be_used_is_named_with_what_is_wrong(
-    make, problem, finished_run, tiny_mnist, workdir, capsys
+    make, problem, finished_run, tiny_mnist, in_tmp_path, capsys
 ):
-    bad = workdir / "bad.ckpt"
+    bad = in_tmp_path / "bad.ckpt"
     make(bad, finished_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--ckpt-path", str(bad))
     assert error.startswith(f"error: {bad} {problem}") and "weights_only" not in error
-    assert not (workdir / "lightning_logs").exists() or not list((workdir / "lightning_logs").iterdir())
+    assert not (in_tmp_path / "lightning_logs").exists() or not list((in_tmp_path / "lightning_logs").iterdir())
 
 
 ## The file system
 
 
-def test_lightning_logs_as_a_plain_file_is_reported_and_kept(tiny_mnist, workdir, capsys):
-    (workdir / "lightning_logs").write_text("notes")
+def test_lightning_logs_as_a_plain_file_is_reported_and_kept(tiny_mnist, in_tmp_path, capsys):
+    (in_tmp_path / "lightning_logs").write_text("notes")
     error = fails(capsys, "--data-dir", str(tiny_mnist))
-    assert error == f"error: {workdir / 'lightning_logs'} is a file, where this script keeps its runs: move it away."
-    assert (workdir / "lightning_logs").read_text() == "notes"
+    assert (
+        error == f"error: {in_tmp_path / 'lightning_logs'} is a file, where this script keeps its runs: move it away."
+    )
+    assert (in_tmp_path / "lightning_logs").read_text() == "notes"
 
 
-def test_lightning_logs_as_a_dangling_link_is_reported_at_once(tiny_mnist, workdir, capsys):
-    (workdir / "lightning_logs").symlink_to(workdir / "unmounted" / "logs")
+def test_lightning_logs_as_a_dangling_link_is_reported_at_once(tiny_mnist, in_tmp_path, capsys):
+    (in_tmp_path / "lightning_logs").symlink_to(in_tmp_path / "unmounted" / "logs")
     started = time.monotonic()
     error = fails(capsys, "--data-dir", str(tiny_mnist))
     assert time.monotonic() - started < 30
-    assert error.startswith(f"error: {workdir / 'lightning_logs'} links to {workdir / 'unmounted' / 'logs'}, which")
+    assert error.startswith(
+        f"error: {in_tmp_path / 'lightning_logs'} links to {in_tmp_path / 'unmounted' / 'logs'}, which"
+    )
 
 
-def test_a_working_folder_that_cannot_be_written_is_reported(tiny_mnist, workdir, capsys, monkeypatch):
+def test_a_working_folder_that_cannot_be_written_is_reported(tiny_mnist, in_tmp_path, capsys, monkeypatch):
     # Root may write anywhere, so the refusal is made here as the file system makes it.
     def refuse(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
     monkeypatch.setattr(Path, "mkdir", refuse)
     error = fails(capsys, "--data-dir", str(tiny_mnist))
-    assert error == f"error: Permission denied: {workdir / 'lightning_logs'}. Run it in a folder you can write to."
+    assert error == f"error: Permission denied: {in_tmp_path / 'lightning_logs'}. Run it in a folder you can write to."
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_an_unreadable_mnist_file_is_named(tiny_mnist, workdir, capsys):
-    data = workdir / "data"
+def test_an_unreadable_mnist_file_is_named(tiny_mnist, in_tmp_path, capsys):
+    data = in_tmp_path / "data"
     shutil.copytree(tiny_mnist, data)
     unreadable = data / "MNIST" / "raw" / "train-images-idx3-ubyte"
     unreadable.chmod(0)
@@ -139,8 +131,8 @@ def test_an_unreadable_mnist_file_is_named(tiny_mnist, workdir, capsys):
     assert error == f"error: Permission denied: {unreadable}."
 
 
-def test_a_folder_where_an_mnist_file_belongs_is_named(tiny_mnist, workdir, capsys):
-    data = workdir / "data"
+def test_a_folder_where_an_mnist_file_belongs_is_named(tiny_mnist, in_tmp_path, capsys):
+    data = in_tmp_path / "data"
     shutil.copytree(tiny_mnist, data)
     file = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
     file.unlink()
@@ -167,17 +159,17 @@ class FullDisk:
 
 
 def test_a_checkpoint_write_that_fails_part_way_keeps_the_previous_checkpoint_whole(
-    tiny_mnist, workdir, capsys, monkeypatch
+    tiny_mnist, in_tmp_path, capsys, monkeypatch
 ):
     monkeypatch.setattr(torch, "save", FullDisk(from_call=3))  # epoch 0 saves the best and the last checkpoint
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--max-epochs", "2")
-    checkpoints = workdir / "lightning_logs" / "version_0" / "checkpoints"
+    checkpoints = in_tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     assert error.startswith(f"error: could not write the checkpoint {checkpoints}")
     assert ": No space left on device, with " in error and "The checkpoints written before are whole." in error
     for name in ("last.ckpt", "epoch=0-val_acc=1.0000.ckpt"):
         checkpoint = torch.load(checkpoints / name, weights_only=True)
         assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 6
-    nothing_stray(workdir)
+    nothing_stray(in_tmp_path)
 
 
 ## Launching
@@ -192,24 +184,24 @@ def test_num_nodes_without_a_launcher_is_refused_rather_than_waited_for(tiny_mni
     assert not list(tmp_path.glob("lightning_logs/*"))
 
 
-def test_more_cpu_processes_than_cores_are_refused(workdir, monkeypatch):
+def test_more_cpu_processes_than_cores_are_refused(in_tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     message = "--devices 3 on the CPU starts 3 training processes, but this machine has 2 CPU cores: use --devices 2"
     with pytest.raises(RunError, match=re.escape(message)):  # from the Trainer, before main would start them
         build_trainer(parse_args(["--accelerator", "cpu", "--devices", "3"]))
-    assert not list(workdir.glob("lightning_logs/*"))
+    assert not list(in_tmp_path.glob("lightning_logs/*"))
 
 
 ## Values
 
 
-def test_a_model_too_large_for_the_memory_is_refused_before_it_is_made(tiny_mnist, workdir, capsys):
+def test_a_model_too_large_for_the_memory_is_refused_before_it_is_made(tiny_mnist, in_tmp_path, capsys):
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--hidden-size", "100000000")
     assert error.startswith("error: a model with --hidden-size 100000000 has 79,500,000,010 weights and needs about")
     assert "use a smaller one" in error
 
 
-def test_a_run_whose_weights_become_nan_reports_no_accuracy(tiny_mnist, workdir, capsys):
+def test_a_run_whose_weights_become_nan_reports_no_accuracy(tiny_mnist, in_tmp_path, capsys):
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--lr", "1e30", "--max-epochs", "3")
     assert re.match(r"error: the weights became NaN or infinite by step \d+: the model diverged", error)
     assert error.endswith("Try a smaller --lr than 1e+30.")
@@ -219,10 +211,10 @@ def test_a_run_whose_weights_become_nan_reports_no_accuracy(tiny_mnist, workdir,
 
 
 @pytest.fixture
-def data(tiny_mnist, workdir) -> Path:
+def data(tiny_mnist, in_tmp_path) -> Path:
     """A copy of the tiny MNIST to damage; its MNIST/raw folder."""
-    shutil.copytree(tiny_mnist, workdir / "data")
-    return workdir / "data" / "MNIST" / "raw"
+    shutil.copytree(tiny_mnist, in_tmp_path / "data")
+    return in_tmp_path / "data" / "MNIST" / "raw"
 
 
 def test_one_missing_file_is_named_alone(data, capsys, monkeypatch):
@@ -253,7 +245,7 @@ def test_corrupt_mnist_files_are_named(damage, data, capsys):
     assert error.startswith(f"error: {images} ") and "Replace it with an intact copy" in error
 
 
-def test_gz_files_of_ones_own_are_unpacked_and_read(data, workdir, capsys, monkeypatch):
+def test_gz_files_of_ones_own_are_unpacked_and_read(data, in_tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # they are read, not downloaded again
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     originals = {}
@@ -285,7 +277,9 @@ def test_a_training_file_too_small_to_train_and_validate_is_refused(images, prob
 ## Resuming: the same run, with the same hyperparameters
 
 
-def test_a_flag_that_contradicts_the_checkpoint_is_refused_with_both_values(finished_run, tiny_mnist, workdir, capsys):
+def test_a_flag_that_contradicts_the_checkpoint_is_refused_with_both_values(
+    finished_run, tiny_mnist, in_tmp_path, capsys
+):
     last = finished_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--ckpt-path", str(last), "--lr", "0.5")
     assert error == (
@@ -296,11 +290,11 @@ def test_a_flag_that_contradicts_the_checkpoint_is_refused_with_both_values(fini
     assert error.startswith("error: --hidden-size 32 contradicts the checkpoint, whose run used --hidden-size 500")
 
 
-def test_a_checkpoint_whose_run_folder_is_gone_still_resumes_and_tests(finished_run, tiny_mnist, workdir, capsys):
-    copy = workdir / "copy" / "kept.ckpt"
+def test_a_checkpoint_whose_run_folder_is_gone_still_resumes_and_tests(finished_run, tiny_mnist, in_tmp_path, capsys):
+    copy = in_tmp_path / "copy" / "kept.ckpt"
     copy.parent.mkdir()
     shutil.copy(finished_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", copy)
-    gone = workdir / "gone"  # a run folder that no longer exists: its best checkpoint is gone too
+    gone = in_tmp_path / "gone"  # a run folder that no longer exists: its best checkpoint is gone too
     checkpoint = torch.load(copy, weights_only=True)
     for state in checkpoint["callbacks"].values():
         state["best_model_path"] = str(gone / "checkpoints" / "epoch=0-val_acc=1.0000.ckpt")
@@ -358,7 +352,7 @@ class SignalAt(pl.Callback):
     ],
 )
 def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
-    signum, moment, where, continued, finished_run, tiny_mnist, workdir, capsys, monkeypatch
+    signum, moment, where, continued, finished_run, tiny_mnist, in_tmp_path, capsys, monkeypatch
 ):
     argv = ["--data-dir", str(tiny_mnist), "--max-epochs", "2"]
     if moment == "learning-rate finder":
@@ -372,7 +366,7 @@ def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
 
         monkeypatch.setattr(LitNeuralNet, "training_step", training_step_then_signal)
     if moment == "restore":
-        run = workdir / "lightning_logs" / "version_0"
+        run = in_tmp_path / "lightning_logs" / "version_0"
         shutil.copytree(finished_run / "lightning_logs" / "version_0", run)
         argv += ["--ckpt-path", str(run / "checkpoints" / "last.ckpt")]
     trainers_with(monkeypatch, SignalAt(signum, moment))
@@ -380,7 +374,7 @@ def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
     assert main(argv) == 128 + signum
     captured = capsys.readouterr()
     assert "Traceback" not in captured.out + captured.err
-    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = in_tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     report = captured.err[captured.err.index("Stopped by") :].splitlines()
     if continued:
         flags = argv[:-2] if moment == "restore" else argv  # the command leaves out the --ckpt-path it had
@@ -392,11 +386,11 @@ def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
     else:
         nothing = "Nothing to continue: it had saved no checkpoint. Run the same command again."
         assert report == [f"Stopped by {signum.name} {where}. {nothing}"]
-        assert not list(workdir.glob("lightning_logs/*"))  # the run's empty folder is gone
-    nothing_stray(workdir)
+        assert not list(in_tmp_path.glob("lightning_logs/*"))  # the run's empty folder is gone
+    nothing_stray(in_tmp_path)
 
 
-def test_a_signal_during_the_final_test_lets_it_finish(tiny_mnist, workdir, capsys, monkeypatch):
+def test_a_signal_during_the_final_test_lets_it_finish(tiny_mnist, in_tmp_path, capsys, monkeypatch):
     trainers_with(monkeypatch, SignalAt(signal.SIGTERM, "final test"))
     assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
     assert reported_accuracy(capsys.readouterr().out) >= 90.0
@@ -482,7 +476,7 @@ def test_under_ddp_spawn_an_error_in_a_training_process_is_one_line(tiny_mnist, 
     ]
 
 
-def test_the_lightning_mnist_module_sees_no_leftover_handler(tiny_mnist, workdir):
+def test_the_lightning_mnist_module_sees_no_leftover_handler(tiny_mnist, in_tmp_path):
     before = {signum: signal.getsignal(signum) for signum in lightning_mnist.STOP_SIGNALS}
     assert main(["--data-dir", str(tiny_mnist), "--fast-dev-run"]) == 0
     assert {signum: signal.getsignal(signum) for signum in before} == before
@@ -493,7 +487,7 @@ def test_the_lightning_mnist_module_sees_no_leftover_handler(tiny_mnist, workdir
 
 
 @pytest.mark.parametrize("bug", [ZeroDivisionError("division by zero"), RuntimeError("mat1 and mat2 shapes differ")])
-def test_a_bug_of_the_script_is_not_turned_into_an_error_line(bug, tiny_mnist, workdir, monkeypatch):
+def test_a_bug_of_the_script_is_not_turned_into_an_error_line(bug, tiny_mnist, in_tmp_path, monkeypatch):
     def training_step(self, batch, batch_idx):
         raise bug
 

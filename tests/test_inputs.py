@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SCRIPT, run_script
+from conftest import SCRIPT, run_in, run_script
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -412,13 +412,8 @@ def trained(tiny_mnist, tmp_path_factory) -> Path:
     """A folder with a run's lightning_logs (a model of 16 hidden units) and two pictures: a digit and a blank."""
     from PIL import Image
 
-    folder = tmp_path_factory.mktemp("trained")
-    here = Path.cwd()
-    os.chdir(folder)
-    try:
-        assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1", "--hidden-size", "16"]) == 0
-    finally:
-        os.chdir(here)
+    argv = ["--data-dir", str(tiny_mnist), "--max-epochs", "1", "--hidden-size", "16"]
+    folder = run_in(tmp_path_factory.mktemp("trained"), argv)
     digit = Image.new("L", (28, 28))
     digit.paste(255, (10, 5, 16, 20))
     digit.save(folder / "digit.png")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import best_checkpoint, reported_accuracy, trainers_with
+from conftest import best_checkpoint, reported_accuracy, run_in, trainers_with
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,13 +27,6 @@ from lightning_mnist import (
     newest_best_checkpoint,
     parse_args,
 )
-
-
-@pytest.fixture
-def in_tmp_path(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    torch.use_deterministic_algorithms(False)
 
 
 def fake_checkpoint(path: Path, score: float | None, step: int) -> Path:
@@ -86,14 +79,8 @@ def test_odd_folder_names_neither_crash_a_new_run_nor_are_taken_by_it(names, tmp
 @pytest.fixture(scope="module")
 def trained_run(tiny_mnist, tmp_path_factory) -> Path:
     """A folder in which a run of 2 epochs was trained on the tiny MNIST (epoch 1 spoilt: epoch 0 is the best)."""
-    cwd = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.chdir(cwd)
-        trainers_with(monkeypatch, SpoilTheLastEpoch())
-        assert (
-            main(["--data-dir", str(tiny_mnist), "--max-epochs", "2", "--hidden-size", "16", "--batch-size", "50"]) == 0
-        )
-    return cwd
+    argv = ["--data-dir", str(tiny_mnist), "--max-epochs", "2", "--hidden-size", "16", "--batch-size", "50"]
+    return run_in(tmp_path_factory.mktemp("trained"), argv, SpoilTheLastEpoch())
 
 
 def test_a_copy_named_version_00_is_continued_in_itself_not_in_version_0(

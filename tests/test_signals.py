@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import SCRIPT, reported_accuracy, trainers_with
+from conftest import SCRIPT, reported_accuracy, run_in, trainers_with
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -36,12 +36,6 @@ from lightning_mnist import (
     main,
     parse_args,
 )
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch) -> Path:
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def no_temporary_file(folder: Path) -> None:
@@ -61,10 +55,7 @@ def finite_checkpoints(folder: Path) -> list[Path]:
 @pytest.fixture(scope="module")
 def trained(tiny_mnist, tmp_path_factory) -> Path:
     """The last.ckpt of a 1-epoch run on the tiny MNIST."""
-    folder = tmp_path_factory.mktemp("trained")
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.chdir(folder)
-        assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
+    folder = run_in(tmp_path_factory.mktemp("trained"), ["--data-dir", str(tiny_mnist), "--max-epochs", "1"])
     return folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
@@ -221,16 +212,18 @@ class SignalTwice(pl.Callback):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_second_signal_stops_at_once_and_says_what_last_ckpt_holds(signum, tiny_mnist, workdir, capsys, monkeypatch):
+def test_a_second_signal_stops_at_once_and_says_what_last_ckpt_holds(
+    signum, tiny_mnist, in_tmp_path, capsys, monkeypatch
+):
     trainers_with(monkeypatch, SignalTwice(signum, step=8))  # epoch 1 begins at step 6
     assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "2"]) == 128 + signum
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    last = workdir / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = in_tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     held = torch.load(last, weights_only=True)["global_step"]
     assert f"Stopped by {signum.name} in epoch 1 at step 8." in err
     assert held == 8 or f"last.ckpt holds step {held}: the {8 - held} steps after it are lost." in err
-    no_temporary_file(workdir)
+    no_temporary_file(in_tmp_path)
 
 
 ## Under DDP the processes agree on a signal, however the devices are spread over the machines
@@ -318,10 +311,10 @@ def test_a_checkpoint_save_stopped_part_way_leaves_the_previous_whole_and_no_tem
 
 
 def test_a_gz_file_unpacked_when_a_signal_comes_leaves_neither_a_half_file_nor_a_temporary_one(
-    tiny_mnist, workdir, capsys, monkeypatch
+    tiny_mnist, in_tmp_path, capsys, monkeypatch
 ):
-    raw = workdir / "data" / "MNIST" / "raw"
-    shutil.copytree(tiny_mnist, workdir / "data")
+    raw = in_tmp_path / "data" / "MNIST" / "raw"
+    shutil.copytree(tiny_mnist, in_tmp_path / "data")
     for file in list(raw.iterdir()):
         (raw / f"{file.name}.gz").write_bytes(gzip.compress(file.read_bytes()))
         file.unlink()
@@ -332,11 +325,11 @@ def test_a_gz_file_unpacked_when_a_signal_comes_leaves_neither_a_half_file_nor_a
         os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(Path, "write_bytes", write_half_then_signal)
-    assert main(["--data-dir", str(workdir / "data"), "--max-epochs", "1"]) == 128 + signal.SIGTERM
+    assert main(["--data-dir", str(in_tmp_path / "data"), "--max-epochs", "1"]) == 128 + signal.SIGTERM
     assert "Stopped by SIGTERM" in capsys.readouterr().err
     assert sorted(path.name for path in raw.iterdir()) == sorted(f"{name}.gz" for name in lightning_mnist.MNIST_FILES)
     monkeypatch.undo()
-    download_mnist(str(workdir / "data"))  # the next run unpacks them whole
+    download_mnist(str(in_tmp_path / "data"))  # the next run unpacks them whole
     assert (raw / "t10k-labels-idx1-ubyte").read_bytes() == (tiny_mnist / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()  # fmt: skip
 
 
@@ -353,10 +346,10 @@ def fails(capsys, *argv: str) -> str:
     return errors[0]
 
 
-def test_a_run_that_diverges_in_its_first_steps_saves_and_tests_nothing(tiny_mnist, workdir, capsys):
+def test_a_run_that_diverges_in_its_first_steps_saves_and_tests_nothing(tiny_mnist, in_tmp_path, capsys):
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--lr", "1e30", "--limit-train-batches", "5")
     assert error.startswith("error: the weights became NaN or infinite by step ")
-    assert finite_checkpoints(workdir) == []
+    assert finite_checkpoints(in_tmp_path) == []
 
 
 class Poison(pl.Callback):
@@ -411,16 +404,16 @@ class PoisonThenHeal(pl.Callback):
                 tensor.data.nan_to_num_(0.0)
 
 
-def test_weights_that_were_nan_for_a_single_step_stop_the_run(tiny_mnist, workdir, capsys, monkeypatch):
+def test_weights_that_were_nan_for_a_single_step_stop_the_run(tiny_mnist, in_tmp_path, capsys, monkeypatch):
     # A step with NaN weights made NaN gradients and Adam's state: what follows means nothing,
     # even when another callback (or a clamp) makes the weights look finite by the next check.
     trainers_with(monkeypatch, PoisonThenHeal())
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--max-epochs", "2")
     assert error.startswith("error: the weights became NaN or infinite by step 6: ")  # the epoch's end
-    assert finite_checkpoints(workdir) == []
+    assert finite_checkpoints(in_tmp_path) == []
 
 
-def test_a_loss_that_is_nan_in_validation_only_stops_the_run(tiny_mnist, workdir, capsys, monkeypatch):
+def test_a_loss_that_is_nan_in_validation_only_stops_the_run(tiny_mnist, in_tmp_path, capsys, monkeypatch):
     validation_step = LitNeuralNet.validation_step
 
     def overflowing(self, batch, batch_idx):  # finite weights, and logits that overflow
@@ -430,7 +423,7 @@ def test_a_loss_that_is_nan_in_validation_only_stops_the_run(tiny_mnist, workdir
     monkeypatch.setattr(LitNeuralNet, "validation_step", overflowing)
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--max-epochs", "1")
     assert error.startswith("error: the model's outputs gave a val_loss of nan by step 6")
-    assert "best" not in " ".join(path.name for path in finite_checkpoints(workdir))
+    assert "best" not in " ".join(path.name for path in finite_checkpoints(in_tmp_path))
 
 
 def one_drawn(path: Path) -> Path:
@@ -450,8 +443,8 @@ def diverged(trained, tmp_path) -> Path:
     return tmp_path / "diverged.ckpt"
 
 
-def test_predict_refuses_a_checkpoint_with_nan_weights(diverged, workdir, capsys):
-    picture = workdir / "one.png"
+def test_predict_refuses_a_checkpoint_with_nan_weights(diverged, in_tmp_path, capsys):
+    picture = in_tmp_path / "one.png"
     one_drawn(picture)
     error = fails(capsys, "--predict", str(picture), "--ckpt-path", str(diverged))
     assert error == (
@@ -460,10 +453,10 @@ def test_predict_refuses_a_checkpoint_with_nan_weights(diverged, workdir, capsys
     )
 
 
-def test_a_run_continued_from_a_checkpoint_with_nan_weights_is_refused(diverged, tiny_mnist, workdir, capsys):
+def test_a_run_continued_from_a_checkpoint_with_nan_weights_is_refused(diverged, tiny_mnist, in_tmp_path, capsys):
     error = fails(capsys, "--data-dir", str(tiny_mnist), "--max-epochs", "2", "--ckpt-path", str(diverged))
     assert error.startswith(f"error: {diverged} holds weights that are NaN or infinite")
-    assert finite_checkpoints(workdir / "lightning_logs") == []
+    assert finite_checkpoints(in_tmp_path / "lightning_logs") == []
 
 
 def test_the_checkpoint_writer_never_writes_non_finite_weights(tmp_path):
@@ -479,8 +472,8 @@ def test_the_checkpoint_writer_never_writes_non_finite_weights(tmp_path):
 ## --predict: the interruption is not one of the results
 
 
-def test_predict_stopped_by_a_signal_says_so_on_stderr_only(trained, workdir, capsys, monkeypatch):
-    pictures = [str(one_drawn(workdir / f"{index}.png")) for index in range(3)]
+def test_predict_stopped_by_a_signal_says_so_on_stderr_only(trained, in_tmp_path, capsys, monkeypatch):
+    pictures = [str(one_drawn(in_tmp_path / f"{index}.png")) for index in range(3)]
     prepare_digit = lightning_mnist.prepare_digit
 
     def second_picture_then_ctrl_c(path):
