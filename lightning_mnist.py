@@ -408,7 +408,7 @@ def idx_problem(content: bytes, kind: str) -> str | None:
     An IDX file is a magic number that gives the type and number of dimensions, each dimension's
     size as a 4-byte integer, and then the values, one byte each: its size follows from its header."""
     magic = IDX_MAGIC[kind]
-    header = 4 + 4 * magic[3]  # the magic number's last byte is the number of dimensions
+    header = idx_header_size(magic)
     if not content:
         return "is empty"
     if content[:2] == GZIP_MAGIC:
@@ -417,13 +417,23 @@ def idx_problem(content: bytes, kind: str) -> str | None:
         return f"starts with 0x{content[:4].hex()}, where MNIST {kind} files start with 0x{magic.hex()}"
     if len(content) < header:
         return f"is {len(content):,} bytes, too few for the {header}-byte header of an MNIST {kind} file"
-    sizes = [int.from_bytes(content[start : start + 4], "big") for start in range(4, header, 4)]
+    sizes = idx_sizes(content)
     if sizes[0] == 0:
         return f"holds no {kind}"
     promised = header + math.prod(sizes)
     if len(content) != promised:
         return f"is {len(content):,} bytes, where its header promises {promised:,}"
     return None
+
+
+def idx_header_size(content: bytes) -> int:
+    """The bytes of an IDX header: the magic number, whose last byte is the number of dimensions, then their sizes."""
+    return 4 + 4 * content[3]
+
+
+def idx_sizes(content: bytes) -> list[int]:
+    """The size of each dimension, from an IDX file's header: 4-byte integers after the magic number."""
+    return [int.from_bytes(content[start : start + 4], "big") for start in range(4, idx_header_size(content), 4)]
 
 
 def read_idx(path: Path, kind: str) -> torch.Tensor:
@@ -435,9 +445,7 @@ def read_idx(path: Path, kind: str) -> torch.Tensor:
     if problem:
         raise RunError(f"{shown(path)} {problem}. {REPLACE_MNIST_FILE}")
     # Read here rather than by torchvision's reader, whose errors name neither the file nor the size it expected.
-    header = 4 + 4 * content[3]
-    sizes = [int.from_bytes(content[start : start + 4], "big") for start in range(4, header, 4)]
-    return torch.frombuffer(content, dtype=torch.uint8, offset=header).view(sizes)
+    return torch.frombuffer(content, dtype=torch.uint8, offset=idx_header_size(content)).view(idx_sizes(content))
 
 
 def load_mnist(data_dir: str, train: bool) -> MNISTTensors:
