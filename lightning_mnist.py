@@ -926,7 +926,7 @@ def refuse_diverged(path: str | Path, state_dict: dict) -> None:
     """A RunError if the checkpoint at path holds a weight that is NaN or infinite."""
     if not all_finite(state_dict.values()):
         raise RunError(
-            f"{path} holds weights that are NaN or infinite: its run diverged, and nothing it predicts or "
+            f"{shown(path)} holds weights that are NaN or infinite: its run diverged, and nothing it predicts or "
             "scores means anything. Use an earlier checkpoint, or train again with a smaller --lr."
         )
 
@@ -1390,7 +1390,7 @@ def read_checkpoint(path: str) -> dict:
     hparams = checkpoint.get("hyper_parameters") if isinstance(checkpoint, dict) else None
     if not isinstance(hparams, dict) or not {name for name, _, _ in CHECKPOINT_FLAGS} <= hparams.keys():
         raise RunError(
-            f"{path} is not a checkpoint of this script (no LitNeuralNet hyperparameters: weights saved with "
+            f"{shown(path)} is not a checkpoint of this script (no LitNeuralNet hyperparameters: weights saved with "
             "torch.save, say): give --ckpt-path a last.ckpt or best checkpoint of a run of this script."
         )
     # Each of LitNeuralNet's arguments, of its default's type; older checkpoints may lack some.
@@ -1402,18 +1402,20 @@ def read_checkpoint(path: str) -> dict:
     ]
     if unknown:
         raise RunError(
-            f"{path} holds hyperparameters that LitNeuralNet does not take ({shown(', '.join(map(str, unknown)))}, "
-            "by name or type): it is damaged, or from another version of this script."
+            f"{shown(path)} holds hyperparameters that LitNeuralNet does not take "
+            f"({shown(', '.join(map(str, unknown)))}, by name or type): it is damaged, or from another version "
+            "of this script."
         )
     try:
         with torch.device("meta"):  # the shapes of the weights these hyperparameters make, with no memory for them
             expected = {name: value.shape for name, value in LitNeuralNet(**hparams).state_dict().items()}
     except RuntimeError as error:  # sizes that make no weights: below 1, say
-        raise RunError(f"{path} holds hyperparameters that make no model: it is damaged.") from error
+        raise RunError(f"{shown(path)} holds hyperparameters that make no model: it is damaged.") from error
     found = {name: value.shape for name, value in checkpoint.get("state_dict", {}).items()}
     if found != expected:
         raise RunError(
-            f"{path} holds weights that do not fit its own hyperparameters: it is damaged or not from this script."
+            f"{shown(path)} holds weights that do not fit its own hyperparameters: it is damaged or not from "
+            "this script."
         )
     return hparams
 
