@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import lightning_mnist
+import mnist_kit.data
 from lightning_mnist import LitNeuralNet
 
 ## Per-epoch variants
@@ -103,8 +104,8 @@ def time_video(data_dir: str, device: torch.device) -> float:
     from torchvision import datasets, transforms
 
     full = datasets.MNIST(data_dir, train=True, transform=transforms.ToTensor())
-    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(lightning_mnist.SPLIT_SEED))
-    val_size = round(len(full) * lightning_mnist.VAL_FRACTION)
+    order = torch.randperm(len(full), generator=torch.Generator().manual_seed(mnist_kit.data.SPLIT_SEED))
+    val_size = round(len(full) * mnist_kit.data.VAL_FRACTION)
     train_set, val_set = Subset(full, order[val_size:].tolist()), Subset(full, order[:val_size].tolist())
     train_loader = DataLoader(train_set, batch_size=100, shuffle=True, num_workers=4)
     val_loader = DataLoader(val_set, batch_size=100, shuffle=False, num_workers=4)

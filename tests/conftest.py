@@ -8,16 +8,25 @@ person's pictures of digits come.
 
 import os
 import re
+import shutil
+import signal
 import struct
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from hypothesis import HealthCheck
+from hypothesis import strategies as st
 from PIL import Image, ImageDraw, ImageFont
+from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+
+import lightning_mnist
+from lightning_mnist import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "lightning_mnist.py"
@@ -149,7 +158,6 @@ def best_checkpoint(output: str) -> Path:
 def run_in(folder: Path, argv: list[str], *callbacks: pl.Callback) -> Path:
     """A run of main(argv) that finished in folder, these callbacks added to its Trainer: the folder,
     which holds its lightning_logs. For the fixtures that share one trained run between tests."""
-    import lightning_mnist
 
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.chdir(folder)
@@ -168,7 +176,6 @@ def in_tmp_path(tmp_path, monkeypatch):
 
 def trainers_with(monkeypatch, *callbacks: pl.Callback) -> list[pl.Trainer]:
     """Make main() add these callbacks to its Trainer; the list it returns receives that Trainer."""
-    import lightning_mnist
 
     trainers = []
     build_trainer = lightning_mnist.build_trainer
@@ -262,3 +269,97 @@ def write_digit_forms(image: torch.Tensor, folder: Path, name: str) -> dict[str,
         paths[form] = folder / f"{name}_{form}"
         picture.save(paths[form])
     return paths
+
+
+def errors_of(err: str) -> list[str]:
+    """The `error:` lines on stderr; there must be no traceback."""
+    assert "Traceback" not in err, err[-3000:]
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def read_events(run_folder: Path) -> EventAccumulator:
+    """Every scalar and image in a run's event files (EventAccumulator keeps only a sample by default)."""
+    events = EventAccumulator(str(run_folder), size_guidance={SCALARS: 0, IMAGES: 0})
+    events.Reload()
+    return events
+
+
+@contextmanager
+def within(seconds: float):
+    """Fail, rather than hang the test suite, when the block takes longer than seconds."""
+
+    def stop(signum, frame):
+        raise TimeoutError(f"still blocked after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def one_error_line(capsys, status: int) -> str:
+    """main's status must be 1 with one `error:` line on stderr, nothing on stdout but results; the line."""
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert status == 1 and len(errors) == 1, (status, captured.err[-3000:])
+    assert "Traceback" not in captured.err + captured.out and "error:" not in captured.out
+    return errors[0]
+
+
+def fails(capsys, *argv: str) -> str:
+    """Run main in process; it must end with status 1 and one `error:` line, which this returns."""
+    status = main(list(argv))
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
+    assert status == 1 and len(errors) == 1, (status, captured.err[-3000:])
+    assert "Traceback" not in captured.err + captured.out
+    assert "Test accuracy" not in captured.out  # nothing that looks like a result
+    return errors[0]
+
+
+def nothing_stray(folder: Path) -> None:
+    """No temporary file of a checkpoint or of the learning-rate finder is left under folder."""
+    assert not [path for path in folder.rglob("*") if path.name.endswith(".tmp") or ".lr_find" in path.name]
+
+
+DDP = ("--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")
+
+
+VALIDATION_IMAGES = round(TINY_TRAIN / 12)  # the tiny MNIST's held-out images
+
+
+FIXTURES = [HealthCheck.function_scoped_fixture]  # each example overwrites the same files, on purpose
+
+
+@st.composite
+def damaged(draw, content: bytes) -> bytes:
+    """content cut short, extended, with bytes flipped, or with its start overwritten."""
+    how = draw(st.sampled_from(["truncate", "extend", "flip", "overwrite", "intact"]))
+    if how == "truncate":
+        return content[: draw(st.integers(0, len(content) - 1))]
+    if how == "extend":
+        return content + draw(st.binary(min_size=1, max_size=20))
+    if how == "flip":
+        mutable = bytearray(content)
+        for index in draw(st.lists(st.integers(0, len(content) - 1), min_size=1, max_size=4)):
+            mutable[index] ^= draw(st.integers(1, 255))
+        return bytes(mutable)
+    if how == "overwrite":
+        start = draw(st.binary(min_size=1, max_size=24))
+        return start + content[len(start) :]
+    return content
+
+
+@pytest.fixture
+def data(tiny_mnist, in_tmp_path) -> Path:
+    """A copy of the tiny MNIST to damage; its MNIST/raw folder."""
+    shutil.copytree(tiny_mnist, in_tmp_path / "data")
+    return in_tmp_path / "data" / "MNIST" / "raw"
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("scratch")

@@ -1,51 +1,29 @@
 """A user's mistake or the machine's fault ends in one `error:` line and a non-zero exit, never a
-traceback; Ctrl-C and SIGTERM end with where the run stopped and how to continue it; nothing on
-disk is lost and nothing stray is left behind."""
+traceback, while a bug of the script keeps its traceback; nothing on disk is lost and nothing
+stray is left behind."""
 
 import errno
-import gzip
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from conftest import (
-    SCRIPT,
-    TINY_TRAIN,
-    make_digits,
+    errors_of,
+    fails,
+    nothing_stray,
     reported_accuracy,
     run_in,
     run_script,
-    trainers_with,
-    write_idx_images,
-    write_idx_labels,
 )
 
-import lightning_mnist
-from lightning_mnist import LitNeuralNet, RunError, build_trainer, main, parse_args
-
-
-def fails(capsys, *argv: str) -> str:
-    """Run main in process; it must end with status 1 and one `error:` line, which this returns."""
-    status = main(list(argv))
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert status == 1 and len(errors) == 1, (status, captured.err[-3000:])
-    assert "Traceback" not in captured.err + captured.out
-    assert "Test accuracy" not in captured.out  # nothing that looks like a result
-    return errors[0]
-
-
-def nothing_stray(folder: Path) -> None:
-    """No temporary file of a checkpoint or of the learning-rate finder is left under folder."""
-    assert not [path for path in folder.rglob("*") if path.name.endswith(".tmp") or ".lr_find" in path.name]
+from lightning_mnist import LitNeuralNet, build_trainer, main, parse_args
+from mnist_kit.errors import RunError
 
 
 @pytest.fixture(scope="module")
@@ -121,29 +99,6 @@ def test_a_working_folder_that_cannot_be_written_is_reported(tiny_mnist, in_tmp_
     assert error == f"error: Permission denied: {in_tmp_path / 'lightning_logs'}. Run it in a folder you can write to."
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_an_unreadable_mnist_file_is_named(tiny_mnist, in_tmp_path, capsys):
-    data = in_tmp_path / "data"
-    shutil.copytree(tiny_mnist, data)
-    unreadable = data / "MNIST" / "raw" / "train-images-idx3-ubyte"
-    unreadable.chmod(0)
-    error = fails(capsys, "--data-dir", str(data))
-    assert error == f"error: Permission denied: {unreadable}."
-
-
-def test_a_folder_where_an_mnist_file_belongs_is_named(tiny_mnist, in_tmp_path, capsys):
-    data = in_tmp_path / "data"
-    shutil.copytree(tiny_mnist, data)
-    file = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    file.unlink()
-    file.mkdir()
-    error = fails(capsys, "--data-dir", str(data))
-    assert (
-        error
-        == f"error: {file} is a folder, not a file. Replace it with an intact copy, or delete it to download MNIST again."
-    )
-
-
 class FullDisk:
     """torch.save that writes part of the checkpoint and then fails as a full disk does, from its Nth call on."""
 
@@ -210,70 +165,6 @@ def test_a_run_whose_weights_become_nan_reports_no_accuracy(tiny_mnist, in_tmp_p
 ## The data files
 
 
-@pytest.fixture
-def data(tiny_mnist, in_tmp_path) -> Path:
-    """A copy of the tiny MNIST to damage; its MNIST/raw folder."""
-    shutil.copytree(tiny_mnist, in_tmp_path / "data")
-    return in_tmp_path / "data" / "MNIST" / "raw"
-
-
-def test_one_missing_file_is_named_alone(data, capsys, monkeypatch):
-    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # no download can work
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
-    (data / "t10k-labels-idx1-ubyte").unlink()
-    error = fails(capsys, "--data-dir", str(data.parents[1]))
-    assert error.startswith(f"error: t10k-labels-idx1-ubyte is not in {data} and could not be downloaded")
-    assert error.count("idx") == 1
-
-
-def test_a_wrong_magic_number_is_named_with_its_file(data, capsys):
-    images = data / "train-images-idx3-ubyte"
-    images.write_bytes(bytes.fromhex("00000801") + images.read_bytes()[4:])
-    error = fails(capsys, "--data-dir", str(data.parents[1]))
-    assert error == (
-        f"error: {images} starts with 0x00000801, where MNIST images files start with 0x00000803. "
-        "Replace it with an intact copy, or delete it to download MNIST again."
-    )
-
-
-@pytest.mark.parametrize("damage", ["truncate", "garble"])
-def test_corrupt_mnist_files_are_named(damage, data, capsys):
-    images = data / "train-images-idx3-ubyte"
-    content = images.read_bytes()
-    images.write_bytes(content[: len(content) // 2] if damage == "truncate" else b"\x07" * 16 + content[16:])
-    error = fails(capsys, "--data-dir", str(data.parents[1]))
-    assert error.startswith(f"error: {images} ") and "Replace it with an intact copy" in error
-
-
-def test_gz_files_of_ones_own_are_unpacked_and_read(data, in_tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # they are read, not downloaded again
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
-    originals = {}
-    for file in list(data.iterdir()):
-        originals[file.name] = file.read_bytes()
-        (data / f"{file.name}.gz").write_bytes(gzip.compress(originals[file.name], mtime=0))  # not the official bytes
-        file.unlink()
-    assert main(["--data-dir", str(data.parents[1]), "--fast-dev-run"]) == 0
-    assert {file.name: file.read_bytes() for file in data.iterdir() if file.suffix != ".gz"} == originals
-
-
-def test_a_damaged_gz_file_is_named(data, capsys):
-    labels = data / "t10k-labels-idx1-ubyte"
-    (data / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels.read_bytes())[:30])
-    labels.unlink()
-    error = fails(capsys, "--data-dir", str(data.parents[1]))
-    assert error.startswith(f"error: {labels}.gz could not be unpacked (")
-
-
-@pytest.mark.parametrize(("images", "problem"), [(6, "holds 6 images: too few"), (0, "-idx3-ubyte holds no images.")])
-def test_a_training_file_too_small_to_train_and_validate_is_refused(images, problem, data, capsys):
-    digits, labels = make_digits(TINY_TRAIN, seed=0)
-    write_idx_images(data / "train-images-idx3-ubyte", digits[:images])
-    write_idx_labels(data / "train-labels-idx1-ubyte", labels[:images])
-    error = fails(capsys, "--data-dir", str(data.parents[1]))
-    assert problem in error
-
-
 ## Resuming: the same run, with the same hyperparameters
 
 
@@ -309,178 +200,7 @@ def test_a_checkpoint_whose_run_folder_is_gone_still_resumes_and_tests(finished_
 ## Interruptions, in every phase
 
 
-class SignalAt(pl.Callback):
-    """Sends this process a signal once, at one moment of the run."""
-
-    def __init__(self, signum: int, moment: str) -> None:
-        self.signum, self.moment, self.sent = signum, moment, False
-
-    def _at(self, moment: str) -> None:
-        if moment == self.moment and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
-        self._at("restore")
-
-    def on_sanity_check_start(self, trainer, pl_module) -> None:
-        self._at("sanity check")
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.current_epoch == 1 and batch_idx == 2:
-            self._at("training")
-
-    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        if not trainer.sanity_checking:
-            self._at("validation" if trainer.current_epoch == 0 else "last validation")
-
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._at("final test")
-
-
-@pytest.mark.parametrize(
-    ("signum", "moment", "where", "continued"),
-    [
-        (signal.SIGTERM, "learning-rate finder", "during the learning-rate finder, before training", False),
-        (signal.SIGINT, "learning-rate finder", "during the learning-rate finder, before training", False),
-        (signal.SIGINT, "sanity check", "in epoch 0 at step 1", True),
-        (signal.SIGTERM, "training", "in epoch 1 at step 9", True),
-        (signal.SIGINT, "training", "in epoch 1 at step 9", True),
-        (signal.SIGTERM, "validation", "in epoch 1 at step 7", True),
-        (signal.SIGINT, "last validation", "after training had finished, before the final test", True),
-        (signal.SIGTERM, "restore", "before training went on", True),
-    ],
-)
-def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
-    signum, moment, where, continued, finished_run, tiny_mnist, in_tmp_path, capsys, monkeypatch
-):
-    argv = ["--data-dir", str(tiny_mnist), "--max-epochs", "2"]
-    if moment == "learning-rate finder":
-        argv += ["--lr-find"]
-        training_step = LitNeuralNet.training_step
-
-        def training_step_then_signal(self, batch, batch_idx):  # the finder's first steps are the run's first
-            if self.global_step == 3:
-                os.kill(os.getpid(), signum)
-            return training_step(self, batch, batch_idx)
-
-        monkeypatch.setattr(LitNeuralNet, "training_step", training_step_then_signal)
-    if moment == "restore":
-        run = in_tmp_path / "lightning_logs" / "version_0"
-        shutil.copytree(finished_run / "lightning_logs" / "version_0", run)
-        argv += ["--ckpt-path", str(run / "checkpoints" / "last.ckpt")]
-    trainers_with(monkeypatch, SignalAt(signum, moment))
-
-    assert main(argv) == 128 + signum
-    captured = capsys.readouterr()
-    assert "Traceback" not in captured.out + captured.err
-    last = in_tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    report = captured.err[captured.err.index("Stopped by") :].splitlines()
-    if continued:
-        flags = argv[:-2] if moment == "restore" else argv  # the command leaves out the --ckpt-path it had
-        command = " ".join([sys.executable, str(SCRIPT), *flags, "--ckpt-path"])
-        assert report == [f"Stopped by {signum.name} {where}. Continue it with:", f"  {command} {last}"]
-        saved = torch.load(last, weights_only=True)
-        if where.startswith("in epoch"):  # the checkpoint holds the step where it stopped
-            assert f"in epoch {saved['epoch']} at step {saved['global_step']}" in where
-    else:
-        nothing = "Nothing to continue: it had saved no checkpoint. Run the same command again."
-        assert report == [f"Stopped by {signum.name} {where}. {nothing}"]
-        assert not list(in_tmp_path.glob("lightning_logs/*"))  # the run's empty folder is gone
-    nothing_stray(in_tmp_path)
-
-
-def test_a_signal_during_the_final_test_lets_it_finish(tiny_mnist, in_tmp_path, capsys, monkeypatch):
-    trainers_with(monkeypatch, SignalAt(signal.SIGTERM, "final test"))
-    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
-    assert reported_accuracy(capsys.readouterr().out) >= 90.0
-
-
 ## DDP: one report, no traceback from the other process, no process left behind
-
-
-DDP = ("--accelerator", "cpu", "--devices", "2", "--strategy", "ddp")
-
-
-def test_under_ddp_an_error_is_printed_once_and_no_process_outlives_the_run(tiny_mnist, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(tiny_mnist, data)
-    _, labels = make_digits(TINY_TRAIN, seed=0)
-    labels[3] = 11
-    write_idx_labels(data / "MNIST" / "raw" / "train-labels-idx1-ubyte", labels)
-    with open(tmp_path / "output.txt", "w") as output:
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--data-dir", str(data), *DDP],
-            cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        try:
-            assert process.wait(timeout=120) == 1
-            time.sleep(6)  # what a process still running would print after the prompt is back
-        finally:
-            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-    output = (tmp_path / "output.txt").read_text()
-    assert "Traceback" not in output
-    assert re.findall(r"^error: .*$", output, re.MULTILINE) == [
-        f"error: {data / 'MNIST' / 'raw' / 'train-labels-idx1-ubyte'} holds labels up to 11; MNIST labels are 0-9."
-    ]
-    with pytest.raises(ProcessLookupError):
-        os.killpg(process.pid, 0)  # the whole process group is gone
-
-
-def test_under_ddp_sigterm_to_the_first_process_stops_both_and_the_run_continues(tiny_mnist, tmp_path):
-    flags = ["--data-dir", str(tiny_mnist), *DDP, "--batch-size", "1", "--hidden-size", "16", "--max-epochs", "3"]
-    with open(tmp_path / "output.txt", "w") as output:
-        process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *flags],
-            cwd=tmp_path, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-        try:
-            deadline = time.monotonic() + 120
-            while not re.search(r"Epoch 0: +\d+%.*?\| *[2-9]\d/275", (tmp_path / "output.txt").read_text()):
-                assert process.poll() is None and time.monotonic() < deadline
-                time.sleep(0.05)
-            process.send_signal(signal.SIGTERM)  # what `kill` sends, to global rank 0 alone
-            assert process.wait(timeout=60) == 128 + signal.SIGTERM
-        finally:
-            os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-    output = (tmp_path / "output.txt").read_text()
-    assert "Traceback" not in output
-    (stopped,) = re.findall(r"^Stopped by SIGTERM in epoch 0 at step (\d+)0\. Continue it with:$", output, re.MULTILINE)
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == int(stopped) * 10
-    resumed = run_script(*flags, "--ckpt-path", str(last), cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert torch.load(last, weights_only=True)["global_step"] == 3 * 275  # 550 images of one, shared by 2 processes
-    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
-
-
-def test_ddp_spawn_keeps_one_run_in_one_folder(tiny_mnist, tmp_path):
-    result = run_script("--data-dir", str(tiny_mnist), "--accelerator", "cpu", "--devices", "2",
-                        "--strategy", "ddp_spawn", "--max-epochs", "1", cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
-    assert f"Run folder: {tmp_path / 'lightning_logs' / 'version_0'}\n" in result.stdout
-    assert list((tmp_path / "lightning_logs" / "version_0" / "checkpoints").glob("*.ckpt"))
-
-
-def test_under_ddp_spawn_an_error_in_a_training_process_is_one_line(tiny_mnist, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(tiny_mnist, data)
-    images = data / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
-    images.write_bytes(b"")
-    result = run_script("--data-dir", str(data), "--accelerator", "cpu", "--devices", "2",
-                        "--strategy", "ddp_spawn", cwd=tmp_path)  # fmt: skip
-    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
-    assert re.findall(r"^error: .*$", result.stderr, re.MULTILINE) == [
-        f"error: {images} is empty. Replace it with an intact copy, or delete it to download MNIST again."
-    ]
-
-
-def test_the_lightning_mnist_module_sees_no_leftover_handler(tiny_mnist, in_tmp_path):
-    before = {signum: signal.getsignal(signum) for signum in lightning_mnist.STOP_SIGNALS}
-    assert main(["--data-dir", str(tiny_mnist), "--fast-dev-run"]) == 0
-    assert {signum: signal.getsignal(signum) for signum in before} == before
-    assert lightning_mnist.dist.is_initialized() is False
 
 
 ## A bug of the script keeps its traceback
@@ -493,4 +213,41 @@ def test_a_bug_of_the_script_is_not_turned_into_an_error_line(bug, tiny_mnist, i
 
     monkeypatch.setattr(LitNeuralNet, "training_step", training_step)
     with pytest.raises(type(bug), match=str(bug)):
+        main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"])
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [
+        dist.DistError("Connection closed by peer"),  # a DDP peer lost
+        dist.DistNetworkError("Connection reset by peer"),
+        dist.DistStoreError("Timed out waiting for clients"),
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ],
+    ids=type,
+)
+def test_a_fault_of_the_environment_in_training_ends_in_one_error_line(
+    fault, tiny_mnist, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+
+    def fit(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 1
+    out, err = capsys.readouterr()
+    errors = errors_of(err)
+    assert len(errors) == 1 and str(fault).split(".")[0] in errors[0]
+    assert "Test accuracy" not in out
+
+
+def test_a_bug_in_training_keeps_its_traceback(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def fit(*args, **kwargs):
+        raise ValueError("a bug of ours")
+
+    monkeypatch.setattr(pl.Trainer, "fit", fit)
+    with pytest.raises(ValueError, match="a bug of ours"):
         main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"])

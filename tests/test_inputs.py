@@ -3,260 +3,28 @@ traceback or a hang. Each class of input (data files, checkpoints, writes, outpu
 settings of the environment) is tried with generated cases, not only the ones named in issues."""
 
 import errno
-import gzip
 import io
-import math
 import os
 import resource
 import shutil
-import signal
-import socket
-import struct
 import subprocess
 import sys
 import warnings
-import zlib
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import SCRIPT, run_in, run_script
-from hypothesis import HealthCheck, example, given, settings
+from conftest import FIXTURES, SCRIPT, damaged, one_error_line, run_in, run_script, within
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import lightning_mnist
-from lightning_mnist import (
-    AtomicCheckpointIO,
-    LitNeuralNet,
-    RunError,
-    gunzip,
-    main,
-    read_checkpoint,
-    read_idx,
-    shown,
-)
-
-FIXTURES = [HealthCheck.function_scoped_fixture]  # each example overwrites the same files, on purpose
-
-
-@contextmanager
-def within(seconds: float):
-    """Fail, rather than hang the test suite, when the block takes longer than seconds."""
-
-    def stop(signum, frame):
-        raise TimeoutError(f"still blocked after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
-def one_error_line(capsys, status: int) -> str:
-    """main's status must be 1 with one `error:` line on stderr, nothing on stdout but results; the line."""
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert status == 1 and len(errors) == 1, (status, captured.err[-3000:])
-    assert "Traceback" not in captured.err + captured.out and "error:" not in captured.out
-    return errors[0]
-
+import mnist_kit.checkpoints
+from lightning_mnist import LitNeuralNet, main
+from mnist_kit.checkpoints import AtomicCheckpointIO, read_checkpoint
+from mnist_kit.errors import RunError, shown
 
 ## IDX files and their .gz: generated, then damaged
-
-
-def idx_bytes(kind: str, sizes: list[int], values: bytes) -> bytes:
-    """An IDX file as MNIST's are: magic number, big-endian sizes, one byte a value."""
-    magic = 0x803 if kind == "images" else 0x801
-    return struct.pack(f">I{len(sizes)}I", magic, *sizes) + values
-
-
-@st.composite
-def idx_files(draw) -> tuple[str, bytes]:
-    """An intact MNIST file of a few images or labels, of either kind."""
-    kind = draw(st.sampled_from(["images", "labels"]))
-    sizes = [draw(st.integers(1, 4))] + ([draw(st.integers(1, 5)), draw(st.integers(1, 5))] if kind == "images" else [])
-    return kind, idx_bytes(kind, sizes, draw(st.binary(min_size=math.prod(sizes), max_size=math.prod(sizes))))
-
-
-@st.composite
-def damaged(draw, content: bytes) -> bytes:
-    """content cut short, extended, with bytes flipped, or with its start overwritten."""
-    how = draw(st.sampled_from(["truncate", "extend", "flip", "overwrite", "intact"]))
-    if how == "truncate":
-        return content[: draw(st.integers(0, len(content) - 1))]
-    if how == "extend":
-        return content + draw(st.binary(min_size=1, max_size=20))
-    if how == "flip":
-        mutable = bytearray(content)
-        for index in draw(st.lists(st.integers(0, len(content) - 1), min_size=1, max_size=4)):
-            mutable[index] ^= draw(st.integers(1, 255))
-        return bytes(mutable)
-    if how == "overwrite":
-        start = draw(st.binary(min_size=1, max_size=24))
-        return start + content[len(start) :]
-    return content
-
-
-def expected_idx(content: bytes, kind: str) -> torch.Tensor | None:
-    """The tensor an intact MNIST file of kind holds, read here on the format's own terms; None if it is not one."""
-    dimensions = 3 if kind == "images" else 1
-    header = 4 + 4 * dimensions
-    if len(content) < header or struct.unpack(">I", content[:4])[0] != (0x803 if kind == "images" else 0x801):
-        return None
-    sizes = struct.unpack(f">{dimensions}I", content[4:header])
-    if sizes[0] == 0 or len(content) != header + math.prod(sizes):
-        return None
-    return torch.tensor(list(content[header:]), dtype=torch.uint8).reshape(sizes)
-
-
-@pytest.fixture(scope="module")
-def scratch(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("scratch")
-
-
-@settings(max_examples=150, deadline=None, suppress_health_check=FIXTURES)
-@given(data=st.data(), original=idx_files())
-def test_the_idx_reader_returns_the_data_or_says_what_is_wrong_with_the_file(data, original, scratch):
-    kind, intact = original
-    content = data.draw(damaged(intact))
-    path = scratch / "file-idx-ubyte"
-    path.write_bytes(content)
-    expected = expected_idx(content, kind)
-    with within(10):
-        if expected is not None:
-            assert torch.equal(read_idx(path, kind), expected)
-            return
-        with pytest.raises(RunError) as raised:
-            read_idx(path, kind)
-    message = str(raised.value)
-    assert message.startswith(f"{path} ") and message.endswith("or delete it to download MNIST again.")
-    if content[:4] == intact[:4] and len(content) >= 4 + 4 * (3 if kind == "images" else 1):
-        promised = len(intact) if content[4:16] == intact[4:16] else None
-        if promised is not None and len(content) != promised:  # cut short or too long: both sizes, exactly
-            assert f" is {len(content):,} bytes, where its header promises {promised:,}." in message
-
-
-@settings(max_examples=100, deadline=None, suppress_health_check=FIXTURES)
-@given(data=st.data(), original=idx_files(), packed_damage=st.booleans())
-def test_a_gz_file_is_unpacked_whole_or_named_with_what_it_holds(data, original, packed_damage, scratch):
-    kind, intact = original
-    folder = scratch / "gz"
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir()
-    archive, target = folder / "t10k-data-ubyte.gz", folder / "t10k-data-ubyte"
-    content = intact if packed_damage else data.draw(damaged(intact))
-    packed = gzip.compress(content, mtime=0)
-    archive.write_bytes(data.draw(damaged(packed)) if packed_damage else packed)
-    try:
-        unpacked = gzip.decompress(archive.read_bytes())
-    except (OSError, EOFError, zlib.error):  # not gzip, cut short, damaged
-        unpacked = None
-    with within(10):
-        if unpacked is not None and expected_idx(unpacked, kind) is not None:
-            gunzip(archive, target, kind)
-            assert target.read_bytes() == unpacked
-            return
-        with pytest.raises(RunError) as raised:
-            gunzip(archive, target, kind)
-    message = str(raised.value)
-    assert message.startswith(f"{archive} ")  # the file the user gave, never the one unpacked from it
-    if unpacked is not None:
-        assert message.startswith(f"{archive} holds {len(unpacked):,} bytes that are not an MNIST {kind} file: ")
-    assert sorted(path.name for path in folder.iterdir()) == [archive.name]  # nothing half-unpacked
-
-
-def make_not_a_file(path: Path, kind: str) -> None:
-    """Something other than a regular file at path."""
-    if kind == "a named pipe (FIFO)":
-        os.mkfifo(path)
-    elif kind == "a folder":
-        path.mkdir()
-    elif kind == "a character device":
-        path.symlink_to(os.devnull)  # endless when read as /dev/zero is; /dev/null is one too
-    elif kind == "a socket":
-        here = Path.cwd()
-        os.chdir(path.parent)  # a socket's path is limited to about 100 bytes
-        try:
-            server = socket.socket(socket.AF_UNIX)
-            server.bind(path.name)
-            server.close()
-        finally:
-            os.chdir(here)
-
-
-NOT_FILES = ["a named pipe (FIFO)", "a folder", "a character device", "a socket"]
-
-
-@pytest.mark.parametrize("kind", NOT_FILES)
-def test_only_regular_files_are_read_and_anything_else_is_named_at_once(kind, tmp_path):
-    for reader, name in [
-        (lambda path: read_idx(path, "labels"), "train-labels-idx1-ubyte"),
-        (lambda path: gunzip(path, tmp_path / "unpacked", "images"), "train-images-idx3-ubyte.gz"),
-        (read_checkpoint, "last.ckpt"),
-    ]:
-        path = tmp_path / name
-        make_not_a_file(path, kind)
-        with within(10), pytest.raises(RunError, match=f"^{path} is {kind.replace('(', '.').replace(')', '.')}, not"):
-            reader(path)
-        assert not (tmp_path / "unpacked").exists()
-
-
-def test_a_file_swapped_for_a_fifo_after_the_check_is_still_refused_without_waiting(tmp_path, monkeypatch):
-    regular, fifo = tmp_path / "regular", tmp_path / "train-labels-idx1-ubyte"
-    regular.write_bytes(b"")
-    os.mkfifo(fifo)
-    stat = os.stat
-    # What a path swapped between the check and the opening looks like: the check sees a file.
-    monkeypatch.setattr(os, "stat", lambda path, **kwargs: stat(regular if Path(path) == fifo else path, **kwargs))
-    with within(10), pytest.raises(RunError, match=rf"^{fifo} is a named pipe \(FIFO\), not a file\."):
-        read_idx(fifo, "labels")
-
-
-@pytest.fixture
-def data(tiny_mnist, tmp_path, monkeypatch) -> Path:
-    """A copy of the tiny MNIST to damage, in the working folder; its MNIST/raw folder."""
-    monkeypatch.chdir(tmp_path)
-    shutil.copytree(tiny_mnist, tmp_path / "data")
-    return tmp_path / "data" / "MNIST" / "raw"
-
-
-def test_a_fifo_in_place_of_an_mnist_file_is_named_not_waited_on(data, capsys):
-    labels = data / "t10k-labels-idx1-ubyte"
-    labels.unlink()
-    os.mkfifo(labels)
-    with within(60):
-        error = one_error_line(capsys, main(["--data-dir", str(data.parents[1]), "--fast-dev-run"]))
-    assert error == (
-        f"error: {labels} is a named pipe (FIFO), not a file. "
-        "Replace it with an intact copy, or delete it to download MNIST again."
-    )
-
-
-@pytest.mark.parametrize("extra", [1, -1, 7])
-def test_an_mnist_file_of_the_wrong_size_says_both_sizes(extra, data, capsys):
-    images = data / "train-images-idx3-ubyte"
-    content = images.read_bytes()
-    images.write_bytes(content[:extra] if extra < 0 else content + bytes(extra))
-    error = one_error_line(capsys, main(["--data-dir", str(data.parents[1]), "--fast-dev-run"]))
-    size = len(content) + extra
-    assert error.startswith(f"error: {images} is {size:,} bytes, where its header promises {len(content):,}. ")
-
-
-def test_a_gz_of_the_wrong_content_is_named_not_the_file_unpacked_from_it(data, capsys):
-    images = data / "train-images-idx3-ubyte"
-    labels = (data / "train-labels-idx1-ubyte").read_bytes()
-    (data / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(labels))  # the labels, under the images' name
-    images.unlink()
-    error = one_error_line(capsys, main(["--data-dir", str(data.parents[1]), "--fast-dev-run"]))
-    assert error.startswith(
-        f"error: {images}.gz holds {len(labels):,} bytes that are not an MNIST images file: unpacked, it starts "
-        "with 0x00000801, where MNIST images files start with 0x00000803."
-    )
-    assert sorted(path.name for path in data.iterdir() if "train-images" in path.name) == [f"{images.name}.gz"]
 
 
 ## Checkpoints: generated damage, one error line
@@ -279,7 +47,7 @@ def test_a_damaged_checkpoint_is_read_whole_or_refused_with_its_name(data, small
     path.write_bytes(content)
     with within(20):
         try:
-            hparams = read_checkpoint(str(path))
+            hparams = read_checkpoint(str(path), LitNeuralNet)
         except RunError as error:
             assert str(error).startswith(f"{path} ") and "\n" not in str(error)
             return
@@ -308,7 +76,7 @@ def test_damaged_hyperparameters_are_refused_in_one_line_or_make_the_model(chang
     path = scratch / "edited\n.ckpt"  # a newline in the name: the one line of an error writes it as backslash, n
     torch.save({"state_dict": model.state_dict(), "hyper_parameters": hparams}, path)
     try:
-        read = read_checkpoint(str(path))
+        read = read_checkpoint(str(path), LitNeuralNet)
     except RunError as error:
         assert str(error).startswith(str(path).replace("\n", "\\n") + " ") and "\n" not in str(error)
         return
@@ -333,7 +101,7 @@ def test_main_given_a_damaged_checkpoint_prints_one_error_line(data, small_check
         monkeypatch.chdir(scratch)
         monkeypatch.setattr(lightning_mnist, "build_trainer", lambda args: (_ for _ in ()).throw(Reached()))
         try:
-            read_checkpoint(str(path))
+            read_checkpoint(str(path), LitNeuralNet)
             readable = True
         except RunError:
             readable = False
@@ -378,7 +146,7 @@ def test_a_failed_checkpoint_write_says_the_os_reason_and_keeps_the_old_checkpoi
     AtomicCheckpointIO().save_checkpoint(checkpoint, path)
     before = path.read_bytes()
     # A failure after the first bytes, which torch.save turns into a RuntimeError of its own.
-    monkeypatch.setattr(lightning_mnist, "open", lambda *args: FailingFile(*args, failure, 100), raising=False)
+    monkeypatch.setattr(mnist_kit.checkpoints, "open", lambda *args: FailingFile(*args, failure, 100), raising=False)
     with pytest.raises(RunError) as raised:
         AtomicCheckpointIO().save_checkpoint({**checkpoint, "epoch": 1}, path)
     message = str(raised.value)

@@ -13,15 +13,9 @@ from PIL import Image
 from pytorch_lightning.accelerators import CPUAccelerator, CUDAAccelerator
 from torchvision.datasets import MNIST
 
-from lightning_mnist import (
-    LARGEST_SIDE,
-    MNIST_MEAN,
-    MNIST_STD,
-    LitNeuralNet,
-    main,
-    newest_best_checkpoint,
-    prepare_digit,
-)
+from lightning_mnist import LitNeuralNet, main, newest_best_checkpoint, prepare_digit
+from mnist_kit.data import MNIST_MEAN, MNIST_STD
+from mnist_kit.digits import LARGEST_SIDE
 
 PREDICTION = re.compile(r"^(.+): (\d) \((\d+\.\d)%; next (\d) at (\d+\.\d)%\)(?:; unsure: [^:]+)?$")
 FORMS = tuple(digit_forms(torch.zeros(28, 28, dtype=torch.uint8)))

@@ -14,11 +14,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, SCRIPT, pytest_configure, real_mnist_folder, run_script, write_mnist
+from conftest import ROOT, SCRIPT, pytest_configure, real_mnist_folder, write_mnist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_mnist import LitNeuralNet, Result, flags_to_argv, parse_args, train_and_test
+from lightning_mnist import LitNeuralNet, Result, parse_args, train_and_test
+from mnist_kit.flags import flags_to_argv
 
 READMES = ["README.md", "README.zh-CN.md"]
 
@@ -30,11 +31,15 @@ def python_blocks(readme: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def after_default_run(tiny_mnist, tmp_path_factory):
-    """A clone's folder after `python lightning_mnist.py`: the script, ./data and lightning_logs/version_0."""
-    folder = tmp_path_factory.mktemp("clone")
+    """A folder after `python lightning_mnist.py` was run in it, as the README says to copy it for a project
+    of one's own: the script and mnist_kit/ (nothing else of the repository), ./data and lightning_logs/version_0."""
+    folder = tmp_path_factory.mktemp("copy")
     shutil.copy(SCRIPT, folder)
+    shutil.copytree(ROOT / "mnist_kit", folder / "mnist_kit", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_mnist, folder / "data")
-    result = run_script(cwd=folder)
+    result = subprocess.run(
+        [sys.executable, "lightning_mnist.py"], cwd=folder, capture_output=True, text=True, timeout=300, check=False
+    )
     assert result.returncode == 0, result.stderr
     return folder
 
@@ -125,9 +130,9 @@ FLAG_VALUES = {
 def test_every_keyword_arrives_as_its_flag_would(flags):
     if flags.get("lr_find") is True and "lr" in flags:  # --lr-find chooses the rate itself: both are refused
         with pytest.raises(SystemExit):
-            parse_args(flags_to_argv(flags))
+            parse_args(flags_to_argv(flags, parse_args))
         return
-    args = parse_args(flags_to_argv(flags))
+    args = parse_args(flags_to_argv(flags, parse_args))
     for name, value in flags.items():
         dest = "learning_rate" if name == "lr" else name
         default = getattr(parse_args([]), dest)

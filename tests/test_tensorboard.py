@@ -1,7 +1,11 @@
 """What a run shows in TensorBoard, read back from its event files and from a real TensorBoard server."""
 
+import contextlib
+import io
+import itertools
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -13,14 +17,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
-from conftest import run_script
+from conftest import (
+    VALIDATION_IMAGES,
+    make_digits,
+    read_events,
+    reported_accuracy,
+    run_script,
+    trainers_with,
+    write_mnist,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tensorboard.backend.event_processing.event_accumulator import IMAGES, SCALARS, EventAccumulator
+from PIL import Image
 from tensorboard.plugins.hparams import metadata as hparams_metadata
+from torchvision.transforms.functional import pil_to_tensor
 
-from lightning_mnist import (
+from lightning_mnist import LitNeuralNet, main, parse_args
+from mnist_kit.data import MNIST_MEAN, MNIST_STD
+from mnist_kit.pictures import (
     BLUE,
     CARD_WIDTH,
     CELL,
@@ -30,14 +46,10 @@ from lightning_mnist import (
     GRID_IMAGES,
     GRID_PADDING,
     GRID_SCALE,
-    MNIST_MEAN,
-    MNIST_STD,
     RED,
-    LitNeuralNet,
     confusion_picture,
     loss_ticks,
     lr_find_picture,
-    parse_args,
     predictions_grid,
     tick_decimals,
 )
@@ -48,13 +60,6 @@ PREDICTIONS_SIZE = tuple(
 )
 LR_FIND_SIZE = (CARD_WIDTH, 250)
 CONFUSION_SIZE = (11 * CELL, 11 * CELL + CELL // 2)  # 10 x 10 cells, the digits and a caption
-
-
-def read_events(run_folder: Path) -> EventAccumulator:
-    """Every scalar and image in a run's event files (EventAccumulator keeps only a sample by default)."""
-    events = EventAccumulator(str(run_folder), size_guidance={SCALARS: 0, IMAGES: 0})
-    events.Reload()
-    return events
 
 
 def png_size(png: bytes) -> tuple[int, int]:
@@ -342,3 +347,140 @@ def test_losses_fall_over_a_few_hundred_steps_on_real_mnist(real_mnist, tmp_path
     assert last < 0.5 * first
     assert 0.9 <= events.Scalars("val_acc")[-1].value <= 1
     assert [image.step for image in events.Images("val_predictions")] == [0]
+
+
+def mislabelled_test_digits(count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tiny MNIST's digits; in the test set (seed 1) two in five carry a wrong label."""
+    images, labels = make_digits(count, seed)
+    if seed == 1:
+        wrong = torch.arange(count) % 5 < 2
+        labels[wrong] = (labels[wrong] + 1) % 10
+    return images, labels
+
+
+class CountConfusions(pl.Callback):
+    """Counts each epoch's validation images by (true digit, the model's guess), apart from the script."""
+
+    def __init__(self) -> None:
+        self.counts = {}
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking:
+            return
+        images, labels = batch
+        guesses = pl_module(images).argmax(dim=1)
+        counts = torch.bincount(labels * 10 + guesses, minlength=100).view(10, 10)
+        self.counts[trainer.current_epoch] = self.counts.get(trainer.current_epoch, 0) + counts
+
+
+@pytest.fixture(scope="module")
+def skewed_run(tmp_path_factory):
+    """Two epochs, in process, on the tiny MNIST whose test labels are partly wrong: the validation
+    accuracy is high and the test accuracy far lower, so that the one taken for the other shows.
+    The run's folder, what it printed, and the counts of CountConfusions."""
+    data = write_mnist(tmp_path_factory.mktemp("skewed_mnist"), digits=mislabelled_test_digits)
+    cwd = tmp_path_factory.mktemp("skewed_run")
+    counter = CountConfusions()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(io.StringIO()) as out:
+        monkeypatch.chdir(cwd)
+        trainers = trainers_with(monkeypatch, counter)
+        assert main(["--data-dir", str(data), "--max-epochs", "2"]) == 0
+    # The sanity check ran before training (Lightning's default num_sanity_val_steps=2): its batch
+    # must not count in epoch 0's confusion matrix.
+    assert trainers[0].num_sanity_val_steps > 0
+    return cwd / "lightning_logs" / "version_0", out.getvalue(), counter.counts
+
+
+def test_hparams_tab_shows_the_test_accuracy_as_test_acc_and_the_best_validation_as_val_acc(skewed_run):
+    folder, out, _ = skewed_run
+    events = read_events(folder)
+    hp_test_acc, hp_val_acc = (events.Scalars(tag)[0].value for tag in ("hp/test_acc", "hp/val_acc"))
+    # The accuracy that the run printed, and logged as test_acc ...
+    assert 100 * hp_test_acc == pytest.approx(reported_accuracy(out), abs=0.005)
+    assert hp_test_acc == pytest.approx(events.Scalars("test_acc")[0].value)
+    # ... and the validation accuracy of the checkpoint tested, as that checkpoint itself stores it.
+    best = Path(re.search(r"^Best checkpoint: (.+\.ckpt)$", out, re.MULTILINE)[1])
+    states = torch.load(best, map_location="cpu", weights_only=True)["callbacks"].values()
+    scores = [state["best_model_score"] for state in states if Path(state.get("best_model_path", "")) == best]
+    assert len(scores) == 1
+    assert hp_val_acc == pytest.approx(scores[0].item())
+    assert hp_val_acc - hp_test_acc > 0.2  # so the two cannot be mistaken for each other
+
+
+def test_epoch_zeros_confusion_matrix_counts_each_validation_image_once(skewed_run):
+    folder, _, counts = skewed_run
+    assert sorted(counts) == [0, 1] and all(count.sum() == VALIDATION_IMAGES for count in counts.values())
+    pictures = read_events(folder).Images("val_confusion_matrix")
+    assert [picture.step for picture in pictures] == [0, 1]
+    for picture in pictures:
+        shown = pil_to_tensor(Image.open(io.BytesIO(picture.encoded_image_string)).convert("RGB"))
+        # What the matrix of the epoch's own validation images looks like: the counts are written in
+        # its cells, so one counted twice (the sanity check's) would show.
+        assert torch.equal(shown, confusion_picture(counts[picture.step])), picture.step
+
+
+def caption_text(picture: torch.Tensor) -> torch.Tensor:
+    """Where a one-image grid of black pixels shows text: the white pixels inside its coloured frame."""
+    pixels = picture.float() / 255 if picture.dtype == torch.uint8 else picture.float()
+    coloured = pixels.amin(dim=0) < 0.5  # the frame, its label and the black image; the padding is white
+    rows, columns = coloured.any(dim=1).nonzero()[:, 0], coloured.any(dim=0).nonzero()[:, 0]
+    inside = pixels[:, rows.min() : rows.max() + 1, columns.min() : columns.max() + 1]
+    return inside.amin(dim=0) > 0.5
+
+
+def test_a_mistakes_caption_starts_with_the_guess_then_names_the_true_digit():
+    black = torch.full((1, 1, 28, 28), -MNIST_MEAN / MNIST_STD)  # as the validation loader gives it
+
+    def text(guess: int, true: int) -> torch.Tensor:
+        return caption_text(predictions_grid(black, torch.tensor([guess]), torch.tensor([true])))
+
+    # A right guess is captioned with its digit alone; a mistake's caption starts at the same place,
+    # with the guess, and goes on to name the true digit.
+    right = torch.stack([text(digit, digit) for digit in range(10)])
+    first_glyph = right.any(dim=(0, 1))  # the columns where any digit alone is written
+    for guess in range(10):
+        for true in set(range(10)) - {guess}:
+            mistake = text(guess, true)
+            assert mistake.shape == right.shape[1:]
+            differences = (mistake[:, first_glyph] != right[:, :, first_glyph]).sum(dim=(1, 2))
+            assert differences.argmin() == guess and differences[true] > 0, (guess, true, differences)
+            assert mistake[:, ~first_glyph].sum() > right[true].sum()  # ", is 8" follows the 3
+
+
+def test_the_confusion_matrix_has_the_true_digit_down_and_the_guess_across():
+    counts = torch.zeros(10, 10, dtype=torch.int64)
+    counts[3, 3], counts[3, 5] = 60, 40  # 40 images of 3s taken for 5s; no 5 taken for a 3
+    counts[5, 5], counts[8, 8], counts[8, 1] = 100, 90, 10
+    picture = confusion_picture(counts).int()
+    cell = picture.shape[2] // 11  # a row and a column of digits, then 10 x 10 cells
+
+    def colour(true: int, guess: int) -> str:
+        # A pixel near the cell's top-left corner, clear of the count written in its middle.
+        red, _, blue = picture[:, (true + 1) * cell + cell // 8, (guess + 1) * cell + cell // 8].tolist()
+        return "red" if red - blue > 40 else "blue" if blue - red > 40 else "empty"
+
+    assert [colour(3, 3), colour(3, 5), colour(5, 3), colour(5, 5)] == ["blue", "red", "empty", "blue"]
+    assert [colour(8, 1), colour(1, 8), colour(8, 8), colour(0, 0)] == ["red", "empty", "blue", "empty"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 50), min_size=100, max_size=100))
+def test_each_cell_of_the_confusion_matrix_is_tinted_by_its_own_count(cells):
+    counts = torch.tensor(cells).view(10, 10)
+    picture = confusion_picture(counts).int()
+    cell = picture.shape[2] // 11
+    corners = picture[:, cell + cell // 8 :: cell, cell + cell // 8 :: cell][:, :10, :10]  # (3, true, guess)
+    redness = corners[0] - corners[2]
+    empty = counts == 0
+    if empty.any():  # every empty cell has one colour; a count makes a right guess bluer, a mistake redder
+        blank = corners[:, empty][:, 0]
+        assert (corners[:, empty] == blank[:, None]).all()
+        blank_redness = blank[0] - blank[2]
+        right, mistakes = ~empty & torch.eye(10, dtype=torch.bool), ~empty & ~torch.eye(10, dtype=torch.bool)
+        assert (redness[right] < blank_redness).all() and (redness[mistakes] > blank_redness).all()
+    # Within a row (one true digit), a larger count of mistakes is at least as red (each channel is
+    # rounded on its own: give or take 1).
+    for true in range(10):
+        order = counts[true].argsort()
+        guesses = [guess for guess in order.tolist() if guess != true]
+        assert all(redness[true, a] <= redness[true, b] + 1 for a, b in itertools.pairwise(guesses))

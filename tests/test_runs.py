@@ -1,32 +1,41 @@
 """A run is one run wherever its folder goes: its state comes from what its checkpoints store,
-never from a file or folder name; and every flag takes effect or is refused."""
+never from a file or folder name; it resumes where it stopped and keeps its best; reruns with
+one seed are bit-identical; runs started together never share a folder; and every flag takes
+effect or is refused."""
 
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import best_checkpoint, reported_accuracy, run_in, trainers_with
+from conftest import (
+    SCRIPT,
+    best_checkpoint,
+    reported_accuracy,
+    run_in,
+    trainers_with,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from pytorch_lightning.tuner import Tuner
+from pytorch_lightning.utilities import rank_zero_only
 from test_lesson import SpoilTheLastEpoch, evaluate
+from test_tensorboard import read_events
 
-import lightning_mnist
-from lightning_mnist import (
-    LitNeuralNet,
-    build_trainer,
-    check_memory,
-    claim_run_folder,
-    finder_losses,
-    main,
-    newest_best_checkpoint,
-    parse_args,
-)
+import mnist_kit.data
+import mnist_kit.errors
+import mnist_kit.runs
+from lightning_mnist import LitNeuralNet, build_trainer, main, newest_best_checkpoint, parse_args
+from mnist_kit.lr_finder import finder_losses
+from mnist_kit.runs import check_memory, claim_run_folder
 
 
 def fake_checkpoint(path: Path, score: float | None, step: int) -> Path:
@@ -285,9 +294,9 @@ def test_a_default_given_explicitly_against_a_checkpoint_is_refused(
 
 def test_left_out_model_flags_take_the_checkpoints_values_or_the_defaults(trained_run):
     last = str(trained_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
-    continued = lightning_mnist.model_arguments(parse_args(["--ckpt-path", last, "--batch-size", "50"]))
+    continued = mnist_kit.runs.model_arguments(parse_args(["--ckpt-path", last, "--batch-size", "50"]), LitNeuralNet)
     assert (continued["hidden_size"], continued["batch_size"]) == (16, 50)
-    fresh = lightning_mnist.model_arguments(parse_args([]))
+    fresh = mnist_kit.runs.model_arguments(parse_args([]), LitNeuralNet)
     assert (fresh["hidden_size"], fresh["batch_size"], fresh["learning_rate"]) == (500, 100, 1e-3)
 
 
@@ -340,10 +349,10 @@ def test_the_memory_check_counts_gradients_and_adams_state(monkeypatch):
     weights = 784 * 1000 + 1000 + 1000 * 10 + 10
     pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": 8 * weights}  # room for the weights twice over, not four times
     monkeypatch.setattr(os, "sysconf", pages.__getitem__)
-    with pytest.raises(lightning_mnist.RunError, match="has 795,010 weights"):
-        check_memory({"hidden_size": 1000})
+    with pytest.raises(mnist_kit.errors.RunError, match="has 795,010 weights"):
+        check_memory({"hidden_size": 1000}, LitNeuralNet)
     pages["SC_PHYS_PAGES"] = 16 * weights
-    check_memory({"hidden_size": 1000})
+    check_memory({"hidden_size": 1000}, LitNeuralNet)
 
 
 class RecordingNet(LitNeuralNet):
@@ -368,3 +377,182 @@ def test_the_finder_losses_are_each_steps_own_loss(tiny_mnist, tmp_path):
     reported = finder.results["loss"]
     assert reported[0] == pytest.approx(model.losses[0] / 2, rel=0.05)  # Lightning's curve starts at half the loss
     assert finder_losses(reported) == pytest.approx(model.losses[: len(reported)], rel=1e-4)
+
+
+def jittered(original):
+    """MNISTTensors.__getitems__ with an augmentation drawn with numpy, as users add to the template:
+    a random shade of each image's top-left pixel, where a callback can read the draw back."""
+
+    def __getitems__(self, indices):
+        images, labels = original(self, indices)
+        images[:, 0, 0, 0] = torch.from_numpy(np.random.random(len(labels))).float()
+        return images, labels
+
+    return __getitems__
+
+
+class RecordDraws(pl.Callback):
+    """The augmentation's draws in each training batch, in the order trained on."""
+
+    def __init__(self) -> None:
+        self.draws = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.draws.append(batch[0][:, 0, 0, 0].clone())
+
+
+def test_reruns_with_workers_and_one_seed_train_alike_and_another_seed_differs(tiny_mnist, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(mnist_kit.data.MNISTTensors, "__getitems__", jittered(mnist_kit.data.MNISTTensors.__getitems__))
+    runs = []
+    for seed in (7, 7, 8):
+        recorder = RecordDraws()
+        trainers = trainers_with(monkeypatch, recorder)
+        argv = ["--data-dir", str(tiny_mnist), "--num-workers", "2", "--max-epochs", "1", "--seed", str(seed)]
+        assert main([*argv, "--limit-train-batches", "4", "--limit-val-batches", "0"]) == 0
+        runs.append((torch.cat(recorder.draws), trainers[-1].lightning_module.state_dict()))
+    (draws, weights), (rerun_draws, rerun_weights), (other_draws, other_weights) = runs
+    assert len(draws) == 400 and len(set(draws.tolist())) == 400  # each worker draws numbers of its own
+    assert torch.equal(draws, rerun_draws)
+    assert all(torch.equal(weights[name], rerun_weights[name]) for name in weights)  # bit-identical
+    assert not torch.equal(draws, other_draws)
+    assert not torch.equal(weights["l1.weight"], other_weights["l1.weight"])
+
+
+def test_ckpt_path_resumes_training_where_it_stopped_in_the_same_run(tiny_mnist, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    steps_per_epoch = torch.load(last, weights_only=False)["global_step"]
+    assert steps_per_epoch == 6  # 550 images, batches of 100
+    capsys.readouterr()
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "3", "--ckpt-path", str(last)]) == 0
+    out = capsys.readouterr().out
+    resumed = torch.load(last, weights_only=False)
+    assert resumed["global_step"] == 3 * steps_per_epoch and resumed["epoch"] == 2
+    assert reported_accuracy(out) == pytest.approx(100 * evaluate(best_checkpoint(out), tiny_mnist), abs=0.006)
+    # The same run: one folder, whose curves go on from where they stopped.
+    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    events = read_events(tmp_path / "lightning_logs" / "version_0")
+    assert [event.step for event in events.Scalars("val_acc")] == [5, 11, 17]  # the last step of each epoch
+
+
+class SpoilFromEpoch(pl.Callback):
+    """From the start of epoch 2 the model guesses 0 for every image and learns nothing more; Ctrl-C
+    stops the run (when asked to) in the middle of that epoch."""
+
+    def __init__(self, interrupt: bool) -> None:
+        self.interrupt = interrupt
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 2:
+            with torch.no_grad():
+                pl_module.l2.weight.zero_()
+                pl_module.l2.bias.copy_(torch.eye(10)[0])
+            for group in trainer.optimizers[0].param_groups:
+                group["lr"] = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.interrupt and trainer.current_epoch == 2 and batch_idx == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def test_a_run_interrupted_after_its_best_epoch_is_tested_with_that_epochs_checkpoint(
+    tiny_mnist, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    flags = ["--data-dir", str(tiny_mnist), "--max-epochs", "3", "--lr", "3e-5"]  # epoch 1 validates best
+    trainers_with(monkeypatch, SpoilFromEpoch(interrupt=True))
+    assert main(flags) == 130
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    (best,) = checkpoints.glob("epoch=1-*.ckpt")
+    last = checkpoints / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 16  # stopped in epoch 2
+    capsys.readouterr()
+
+    trainers_with(monkeypatch, SpoilFromEpoch(interrupt=False))
+    assert main([*flags, "--ckpt-path", str(last)]) == 0
+    out = capsys.readouterr().out
+    assert best_checkpoint(out) == best  # the best of the whole run, from before the interruption
+    assert reported_accuracy(out) == pytest.approx(100 * evaluate(best, tiny_mnist), abs=0.006)
+    assert evaluate(last, tiny_mnist) == pytest.approx(0.1)  # what testing the last epoch would have given
+    assert sorted(path.name for path in checkpoints.iterdir()) == [best.name, "last.ckpt"]
+
+
+def run_at_once(*runs: tuple[Path, list[str]], timeout: float = 180) -> list[subprocess.CompletedProcess]:
+    """Start lightning_mnist.py once for each (folder, arguments), all at the same time, and wait for all."""
+    processes = []
+    try:
+        for cwd, args in runs:
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(SCRIPT), *args],
+                    cwd=cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+            )
+        results = []
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+        return results
+    finally:
+        for process in processes:
+            process.kill()  # whatever happened, none outlives the test
+
+
+def test_same_seed_gives_bit_identical_weights_and_accuracy_and_another_seed_does_not(tiny_mnist, tmp_path):
+    flags = ("--data-dir", str(tiny_mnist), "--max-epochs", "1", "--limit-train-batches", "3", "--deterministic")
+    seeds = {"first": "7", "again": "7", "other": "8"}
+    for name in seeds:
+        (tmp_path / name).mkdir()
+    results = run_at_once(*((tmp_path / name, [*flags, "--seed", seed]) for name, seed in seeds.items()))
+    assert [result.returncode for result in results] == [0, 0, 0], [result.stderr for result in results]
+    outputs = {name: result.stdout for name, result in zip(seeds, results, strict=True)}
+
+    weights = {
+        name: torch.load(
+            tmp_path / name / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=False
+        )["state_dict"]
+        for name in seeds
+    }
+    for key in ("l1.weight", "l1.bias", "l2.weight", "l2.bias"):
+        assert torch.equal(weights["first"][key], weights["again"][key]), key
+        assert not torch.equal(weights["first"][key], weights["other"][key]), key
+    assert reported_accuracy(outputs["first"]) == reported_accuracy(outputs["again"])
+
+
+def test_run_folders_are_claimed_one_each_even_when_picked_at_once(tmp_path):
+    # Lightning's logger takes the highest version_N plus one, so two runs that look
+    # before either has written anything take the same folder. This one claims it as it picks it.
+    assert [pl.loggers.TensorBoardLogger(save_dir=tmp_path / "plain").version for _ in range(2)] == [0, 0]
+    (tmp_path / "lightning_logs" / "version_3").mkdir(parents=True)
+    assert [claim_run_folder(tmp_path) for _ in range(2)] == [4, 5]
+    assert sorted(path.name for path in (tmp_path / "lightning_logs").iterdir()) == [f"version_{n}" for n in (3, 4, 5)]
+
+
+def test_processes_other_than_global_rank_0_claim_no_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert claim_run_folder(tmp_path) is None
+    assert not (tmp_path / "lightning_logs").exists()
+
+
+def test_runs_started_together_in_one_folder_keep_their_own_logs_and_checkpoints(tiny_mnist, tmp_path):
+    earlier = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    earlier.parent.mkdir(parents=True)
+    earlier.write_text("an earlier run")
+    flags = ("--data-dir", str(tiny_mnist), "--max-epochs", "1", "--limit-train-batches", "2")
+    results = run_at_once(*((tmp_path, [*flags, "--hidden-size", size]) for size in ("8", "16")))
+    assert [result.returncode for result in results] == [0, 0], [result.stderr for result in results]
+    folders = set()
+    for hidden_size, result in zip((8, 16), results, strict=True):
+        folder = best_checkpoint(result.stdout).parent.parent
+        folders.add(folder)
+        for checkpoint in folder.glob("checkpoints/*.ckpt"):
+            assert torch.load(checkpoint, weights_only=False)["hyper_parameters"]["hidden_size"] == hidden_size
+        assert f"hidden_size: {hidden_size}\n" in (folder / "hparams.yaml").read_text()
+    assert folders == {tmp_path / "lightning_logs" / f"version_{n}" for n in (1, 2)}
+    assert earlier.read_text() == "an earlier run"

@@ -3,7 +3,9 @@ with DataLoader workers) ends the same way: last.ckpt saved at the step where it
 "Stopped by" line on stderr with a command that continues the run, exit 128 + the signal's number,
 and no temporary file left. And no weight that is NaN or infinite is ever saved, tested or used."""
 
+import contextlib
 import gzip
+import io
 import math
 import os
 import re
@@ -13,29 +15,40 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Self
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import SCRIPT, reported_accuracy, run_in, trainers_with
+from conftest import (
+    SCRIPT,
+    errors_of,
+    fails,
+    nothing_stray,
+    reported_accuracy,
+    run_in,
+    run_script,
+    trainers_with,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
 import lightning_mnist
-from lightning_mnist import (
-    AtomicCheckpointIO,
-    LitNeuralNet,
-    StopOnSignal,
-    Stopped,
-    _resume_command,
-    download_mnist,
-    main,
-    parse_args,
-)
+import mnist_kit.command_line
+import mnist_kit.data
+import mnist_kit.errors
+import mnist_kit.signals
+from lightning_mnist import LitNeuralNet, main, parse_args
+from mnist_kit.checkpoints import AtomicCheckpointIO
+from mnist_kit.data import download_mnist
+from mnist_kit.flags import resume_command
+from mnist_kit.signals import Stopped
+from mnist_kit.stopping import StopOnSignal
 
 
 def no_temporary_file(folder: Path) -> None:
@@ -189,7 +202,7 @@ def test_the_resume_command_is_the_same_command_with_the_new_checkpoint(argv, fo
     between_flags = [index for index, word in enumerate(argv) if word.startswith("--")] + [len(argv)]
     place = between_flags[place % len(between_flags)]
     started = [*argv[:place], *form(str(old)), *argv[place:]]
-    words = shlex.split(_resume_command(started, new))  # as a shell splits the printed line
+    words = shlex.split(resume_command(started, new, SCRIPT))  # as a shell splits the printed line
     assert words[:2] == [sys.executable, str(SCRIPT)]
     # The same run, continued: its flags but --lr-find, whose rate the checkpoint holds.
     assert vars(parse_args(words[2:])) == vars(parse_args(argv)) | {"ckpt_path": str(new), "lr_find": False}
@@ -327,23 +340,13 @@ def test_a_gz_file_unpacked_when_a_signal_comes_leaves_neither_a_half_file_nor_a
     monkeypatch.setattr(Path, "write_bytes", write_half_then_signal)
     assert main(["--data-dir", str(in_tmp_path / "data"), "--max-epochs", "1"]) == 128 + signal.SIGTERM
     assert "Stopped by SIGTERM" in capsys.readouterr().err
-    assert sorted(path.name for path in raw.iterdir()) == sorted(f"{name}.gz" for name in lightning_mnist.MNIST_FILES)
+    assert sorted(path.name for path in raw.iterdir()) == sorted(f"{name}.gz" for name in mnist_kit.data.MNIST_FILES)
     monkeypatch.undo()
     download_mnist(str(in_tmp_path / "data"))  # the next run unpacks them whole
     assert (raw / "t10k-labels-idx1-ubyte").read_bytes() == (tiny_mnist / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()  # fmt: skip
 
 
 ## Weights that are NaN or infinite are never saved, tested, reported or used
-
-
-def fails(capsys, *argv: str) -> str:
-    """Run main in process; it must end with status 1 and one `error:` line, which this returns."""
-    status = main(list(argv))
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.splitlines() if line.startswith("error: ")]
-    assert status == 1 and len(errors) == 1, (status, captured.err[-3000:])
-    assert "Traceback" not in captured.err + captured.out and "accuracy" not in captured.out
-    return errors[0]
 
 
 def test_a_run_that_diverges_in_its_first_steps_saves_and_tests_nothing(tiny_mnist, in_tmp_path, capsys):
@@ -464,7 +467,7 @@ def test_the_checkpoint_writer_never_writes_non_finite_weights(tmp_path):
     weights = LitNeuralNet(hidden_size=4).state_dict()
     AtomicCheckpointIO().save_checkpoint({"state_dict": weights, "global_step": 1}, path)
     weights["l2.bias"][2] = math.inf
-    with pytest.raises(lightning_mnist.RunError, match=f"the model diverged, and {re.escape(str(path))} was not"):
+    with pytest.raises(mnist_kit.errors.RunError, match=f"the model diverged, and {re.escape(str(path))} was not"):
         AtomicCheckpointIO().save_checkpoint({"state_dict": weights, "global_step": 2}, path)
     assert torch.load(path, weights_only=True)["global_step"] == 1 and sorted(tmp_path.iterdir()) == [path]
 
@@ -474,15 +477,249 @@ def test_the_checkpoint_writer_never_writes_non_finite_weights(tmp_path):
 
 def test_predict_stopped_by_a_signal_says_so_on_stderr_only(trained, in_tmp_path, capsys, monkeypatch):
     pictures = [str(one_drawn(in_tmp_path / f"{index}.png")) for index in range(3)]
-    prepare_digit = lightning_mnist.prepare_digit
+    prepare_digit = mnist_kit.command_line.prepare_digit
 
     def second_picture_then_ctrl_c(path):
         if path == pictures[1]:
             os.kill(os.getpid(), signal.SIGINT)
         return prepare_digit(path)
 
-    monkeypatch.setattr(lightning_mnist, "prepare_digit", second_picture_then_ctrl_c)
+    monkeypatch.setattr(mnist_kit.command_line, "prepare_digit", second_picture_then_ctrl_c)
     assert main(["--predict", *pictures, "--ckpt-path", str(trained)]) == 128 + signal.SIGINT
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.strip().splitlines()[-1] == "Stopped by SIGINT while predicting. Run the same command again."
+
+
+class PoisonOneWeight(pl.Callback):
+    """Sets one weight of the first layer to NaN at the end of a step that the Trainer logs."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == trainer.log_every_n_steps:
+            with torch.no_grad():
+                pl_module.l1.weight[7, 300] = float("nan")
+
+
+@pytest.fixture(scope="module")
+def poisoned_run(tiny_mnist, tmp_path_factory):
+    """Three epochs of 6 steps on the tiny MNIST, one weight among 397,510 made NaN after step 10 of 18,
+    in epoch 1: main()'s status, its stdout and stderr, and the run's folder."""
+    cwd = tmp_path_factory.mktemp("poisoned_run")
+    build_trainer = lightning_mnist.build_trainer
+
+    def build_poisoned(args):
+        trainer = build_trainer(args)
+        trainer.callbacks.insert(0, PoisonOneWeight())  # before the script's own callbacks see the step
+        return trainer
+
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        monkeypatch.chdir(cwd)
+        monkeypatch.setattr(lightning_mnist, "build_trainer", build_poisoned)
+        status = main(["--data-dir", str(tiny_mnist), "--max-epochs", "3"])
+    return status, out.getvalue(), err.getvalue(), cwd / "lightning_logs"
+
+
+def test_one_nan_weight_among_all_ends_training_with_one_error(poisoned_run):
+    status, out, err, _ = poisoned_run
+    assert status == 1
+    assert len(errors_of(err)) == 1
+    assert "Test accuracy" not in out
+
+
+def test_one_nan_weight_leaves_no_checkpoint_holding_it(poisoned_run):
+    *_, logs = poisoned_run
+    checkpoints = sorted(logs.rglob("*.ckpt"))
+    assert checkpoints  # epoch 0's, saved before the NaN
+    for checkpoint in checkpoints:
+        weights = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(weight.isfinite().all() for weight in weights.values()), checkpoint.name
+
+
+class BackgroundRun:
+    """lightning_mnist.py started in its own process, its output collected as it comes."""
+
+    def __init__(self, *args: str, cwd: Path) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(SCRIPT), *args],
+            cwd=cwd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while chunk := os.read(self.process.stdout.fileno(), 1 << 16):
+            self.chunks.append(chunk)
+
+    @property
+    def output(self) -> str:
+        return b"".join(self.chunks).decode(errors="replace")
+
+    def wait_for_progress(self, epoch: int, batches: int, at_least: int, timeout: float = 120) -> None:
+        """Wait until the progress bar shows at least `at_least` of the epoch's batches done."""
+        progress = re.compile(rf"Epoch {epoch}: .*?\| *(\d+)/{batches}\b")
+        deadline = time.monotonic() + timeout
+        while not any(int(done) >= at_least for done in progress.findall(self.output[-20_000:])):
+            assert self.process.poll() is None, self.output
+            assert time.monotonic() < deadline, self.output
+            time.sleep(0.02)
+
+    def finish(self, timeout: float = 120) -> int:
+        return self.process.wait(timeout)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.process.kill()  # whatever happened, it does not outlive the test
+        self.reader.join()
+
+
+# 300 batches of one image an epoch, a small net: epochs long enough to interrupt in the middle.
+STEPS_PER_EPOCH = 300
+
+
+SLOW_RUN = ("--batch-size", "1", "--hidden-size", "16", "--limit-train-batches", str(STEPS_PER_EPOCH))
+
+
+SLOW_RUN += ("--limit-val-batches", "5", "--max-epochs", "2")
+
+
+def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(tiny_mnist, tmp_path):
+    flags = ["--data-dir", str(tiny_mnist), *SLOW_RUN]
+    with BackgroundRun(*flags, cwd=tmp_path) as run:
+        run.wait_for_progress(epoch=1, batches=STEPS_PER_EPOCH, at_least=5)
+        run.process.send_signal(signal.SIGTERM)
+        assert run.finish() == 128 + signal.SIGTERM, run.output
+
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    saved = torch.load(checkpoint, weights_only=False)
+    assert saved["epoch"] == 1 and STEPS_PER_EPOCH < saved["global_step"] < 2 * STEPS_PER_EPOCH  # mid-epoch
+    # The message says once how to go on: this run's command with --ckpt-path.
+    assert re.findall(r"Stopped by SIGTERM in epoch 1 at step (\d+)\. Continue it with:", run.output) == [
+        str(saved["global_step"])
+    ]
+    commands = re.findall(r"^  (.+ --ckpt-path .+)$", run.output, re.MULTILINE)
+    assert len(commands) == 1
+    command = shlex.split(commands[0])
+    assert command == [sys.executable, str(SCRIPT), *flags, "--ckpt-path", str(checkpoint)]  # the Python that ran
+
+    resumed = run_script(*command[2:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert reported_accuracy(resumed.stdout) >= 90.0
+    # The run went on in its own folder, and its last.ckpt holds where it ended.
+    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
+    final = torch.load(checkpoint, weights_only=False)
+    assert final["epoch"] == 1 and final["global_step"] == 2 * STEPS_PER_EPOCH
+    # Adam counts its steps: it went on from the saved state instead of starting again.
+    assert {state["step"].item() for state in final["optimizer_states"][0]["state"].values()} == {2 * STEPS_PER_EPOCH}
+
+
+def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path):
+    with BackgroundRun("--data-dir", str(tiny_mnist), *SLOW_RUN, cwd=tmp_path) as run:
+        run.wait_for_progress(epoch=0, batches=STEPS_PER_EPOCH, at_least=5)
+        run.process.send_signal(signal.SIGINT)
+        assert run.finish() == 128 + signal.SIGINT, run.output
+    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert 0 < torch.load(checkpoint, weights_only=False)["global_step"] < STEPS_PER_EPOCH
+    assert run.output.count("Stopped by SIGINT in epoch 0 at step ") == 1
+    assert f"--ckpt-path {checkpoint}\n" in run.output
+    assert "Traceback" not in run.output
+
+
+class SignalAt(pl.Callback):
+    """Sends this process a signal once, at one moment of the run."""
+
+    def __init__(self, signum: int, moment: str) -> None:
+        self.signum, self.moment, self.sent = signum, moment, False
+
+    def _at(self, moment: str) -> None:
+        if moment == self.moment and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._at("restore")
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._at("sanity check")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            self._at("training")
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._at("validation" if trainer.current_epoch == 0 else "last validation")
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self._at("final test")
+
+
+@pytest.mark.parametrize(
+    ("signum", "moment", "where", "continued"),
+    [
+        (signal.SIGTERM, "learning-rate finder", "during the learning-rate finder, before training", False),
+        (signal.SIGINT, "learning-rate finder", "during the learning-rate finder, before training", False),
+        (signal.SIGINT, "sanity check", "in epoch 0 at step 1", True),
+        (signal.SIGTERM, "training", "in epoch 1 at step 9", True),
+        (signal.SIGINT, "training", "in epoch 1 at step 9", True),
+        (signal.SIGTERM, "validation", "in epoch 1 at step 7", True),
+        (signal.SIGINT, "last validation", "after training had finished, before the final test", True),
+        (signal.SIGTERM, "restore", "before training went on", True),
+    ],
+)
+def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
+    signum, moment, where, continued, finished_run, tiny_mnist, in_tmp_path, capsys, monkeypatch
+):
+    argv = ["--data-dir", str(tiny_mnist), "--max-epochs", "2"]
+    if moment == "learning-rate finder":
+        argv += ["--lr-find"]
+        training_step = LitNeuralNet.training_step
+
+        def training_step_then_signal(self, batch, batch_idx):  # the finder's first steps are the run's first
+            if self.global_step == 3:
+                os.kill(os.getpid(), signum)
+            return training_step(self, batch, batch_idx)
+
+        monkeypatch.setattr(LitNeuralNet, "training_step", training_step_then_signal)
+    if moment == "restore":
+        run = in_tmp_path / "lightning_logs" / "version_0"
+        shutil.copytree(finished_run / "lightning_logs" / "version_0", run)
+        argv += ["--ckpt-path", str(run / "checkpoints" / "last.ckpt")]
+    trainers_with(monkeypatch, SignalAt(signum, moment))
+
+    assert main(argv) == 128 + signum
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.out + captured.err
+    last = in_tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    report = captured.err[captured.err.index("Stopped by") :].splitlines()
+    if continued:
+        flags = argv[:-2] if moment == "restore" else argv  # the command leaves out the --ckpt-path it had
+        command = " ".join([sys.executable, str(SCRIPT), *flags, "--ckpt-path"])
+        assert report == [f"Stopped by {signum.name} {where}. Continue it with:", f"  {command} {last}"]
+        saved = torch.load(last, weights_only=True)
+        if where.startswith("in epoch"):  # the checkpoint holds the step where it stopped
+            assert f"in epoch {saved['epoch']} at step {saved['global_step']}" in where
+    else:
+        nothing = "Nothing to continue: it had saved no checkpoint. Run the same command again."
+        assert report == [f"Stopped by {signum.name} {where}. {nothing}"]
+        assert not list(in_tmp_path.glob("lightning_logs/*"))  # the run's empty folder is gone
+    nothing_stray(in_tmp_path)
+
+
+def test_a_signal_during_the_final_test_lets_it_finish(tiny_mnist, in_tmp_path, capsys, monkeypatch):
+    trainers_with(monkeypatch, SignalAt(signal.SIGTERM, "final test"))
+    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
+    assert reported_accuracy(capsys.readouterr().out) >= 90.0
+
+
+def test_the_lightning_mnist_module_sees_no_leftover_handler(tiny_mnist, in_tmp_path):
+    before = {signum: signal.getsignal(signum) for signum in mnist_kit.signals.STOP_SIGNALS}
+    assert main(["--data-dir", str(tiny_mnist), "--fast-dev-run"]) == 0
+    assert {signum: signal.getsignal(signum) for signum in before} == before
+    assert torch.distributed.is_initialized() is False
