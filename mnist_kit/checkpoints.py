@@ -4,6 +4,7 @@ run's state restored wherever its folder has moved, and a checkpoint's hyperpara
 import argparse
 import errno
 import inspect
+import io
 import logging
 import os
 import pickle
@@ -15,10 +16,11 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
+from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_only
 
 from mnist_kit.errors import RunError, shown
-from mnist_kit.files import open_regular
+from mnist_kit.files import memory_size, read_whole
 from mnist_kit.flags import CHECKPOINT_FLAGS
 from mnist_kit.stopping import Diverged, all_finite
 
@@ -160,6 +162,12 @@ class RunCheckpoint(ModelCheckpoint):
         # before RunCheckpoint, or a copy of it) restores its best here, and ours restores there.
         return "ModelCheckpoint" + super().state_key.removeprefix(type(self).__qualname__)
 
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        # Only while training: a stop in the final test would save the best epoch's weights,
+        # which the test runs with, as the last.
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_exception(trainer, pl_module, exception)
+
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:  # before load_state_dict
         # Checkpoints saved while this class kept its state under its own name restore it too.
         states = checkpoint.get("callbacks", {})
@@ -185,13 +193,13 @@ class RunCheckpoint(ModelCheckpoint):
 def read_checkpoint(path: str, model_class: type[pl.LightningModule]) -> dict:
     """The hyperparameters of a checkpoint of model_class, or a RunError that says what the file is instead."""
     advice = "give --ckpt-path a last.ckpt or best checkpoint of a run of this script."
-    with open_regular(path, advice.capitalize()) as file:
-        start = file.read(4)
+    content = read_whole(path, advice.capitalize(), memory_size())  # larger than the memory, it could not be read
+    start = content[:4]
     if start != b"PK\x03\x04":  # torch.save writes a zip archive
         raise RunError(f"{shown(path)} {'is empty' if not start else 'is not a PyTorch checkpoint'}: {advice}")
     try:
         # weights_only: a checkpoint holds tensors and plain values; anything else could run code.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(io.BytesIO(content), map_location="cpu", weights_only=True)
     except Exception as error:  # a damaged archive fails in many ways
         problem = "is cut short or damaged"
         if "Weights only load failed" in str(error):  # torch's refusal of anything but tensors and plain values
@@ -219,7 +227,7 @@ def read_checkpoint(path: str, model_class: type[pl.LightningModule]) -> dict:
     try:
         with torch.device("meta"):  # the shapes of the weights these hyperparameters make, with no memory for them
             expected = {name: value.shape for name, value in model_class(**hparams).state_dict().items()}
-    except RuntimeError as error:  # sizes that make no weights: below 1, say
+    except (RuntimeError, ValueError) as error:  # sizes that make no weights (below 1), or fewer than 2 classes
         raise RunError(f"{shown(path)} holds hyperparameters that make no model: it is damaged.") from error
     found = {name: value.shape for name, value in checkpoint.get("state_dict", {}).items()}
     if found != expected:

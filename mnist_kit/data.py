@@ -1,6 +1,5 @@
 """MNIST held in memory as tensors, its loaders, and the checks that say what is wrong with its files."""
 
-import gzip
 import math
 import os
 import zlib
@@ -13,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.datasets import MNIST
 
 from mnist_kit.errors import RunError, shown
-from mnist_kit.files import open_regular
+from mnist_kit.files import read_whole
 from mnist_kit.signals import worker_ignores_stop_signals
 
 MNIST_MEAN = 0.1307  # mean pixel value of the MNIST training images, scaled to [0, 1]
@@ -85,6 +84,7 @@ def mnist_loader(dataset: MNISTTensors, batch_size: int, num_workers: int, shuff
 MNIST_FILES = [Path(archive).stem for archive, _ in MNIST.resources]  # train-images-idx3-ubyte, ...
 IDX_MAGIC = {"images": bytes.fromhex("00000803"), "labels": bytes.fromhex("00000801")}  # unsigned bytes, 3 or 1 dims
 GZIP_MAGIC = bytes.fromhex("1f8b")
+MNIST_FILE_LIMIT = 2**28  # bytes: the largest MNIST file, of the training images, is 47,040,016
 REPLACE_MNIST_FILE = "Replace it with an intact copy, or delete it to download MNIST again."
 
 
@@ -118,10 +118,9 @@ def download_mnist(data_dir: str) -> None:
 
 def gunzip(archive: Path, target: Path, kind: str) -> None:
     """Unpack a .gz file of MNIST images or labels beside it, or say what is wrong with it."""
-    with open_regular(archive, REPLACE_MNIST_FILE) as file:
-        packed = file.read()
+    packed = read_whole(archive, REPLACE_MNIST_FILE, MNIST_FILE_LIMIT)
     try:
-        unpacked = gzip.decompress(packed)
+        unpacked = gunzipped(packed)
     except (OSError, EOFError, zlib.error) as error:  # not gzip, truncated, damaged
         raise RunError(
             f"{shown(archive)} could not be unpacked ({error}): replace it with an intact copy, "
@@ -143,6 +142,23 @@ def gunzip(archive: Path, target: Path, kind: str) -> None:
         temporary.replace(target)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def gunzipped(packed: bytes) -> bytes:
+    """What a gzip file unpacks to, as gzip.decompress unpacks it (member after member), but no
+    more than MNIST_FILE_LIMIT bytes: a few kilobytes can unpack to terabytes."""
+    unpacked, rest = b"", packed
+    while rest:
+        if rest[:2] != GZIP_MAGIC:
+            raise OSError(f"Not a gzipped file ({rest[:2]!r})")
+        unpacker = zlib.decompressobj(wbits=31)  # 31: the gzip format, its header and checksum
+        unpacked += unpacker.decompress(rest, MNIST_FILE_LIMIT + 1 - len(unpacked))
+        if len(unpacked) > MNIST_FILE_LIMIT:
+            raise OSError(f"it unpacks to more than {MNIST_FILE_LIMIT:,} bytes, more than any MNIST file")
+        if not unpacker.eof:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        rest = unpacker.unused_data.lstrip(b"\x00")  # gzip.decompress skips the zeros that pad a member
+    return unpacked
 
 
 def idx_problem(content: bytes, kind: str) -> str | None:
@@ -182,8 +198,9 @@ def idx_sizes(content: bytes) -> list[int]:
 def read_idx(path: Path, kind: str) -> torch.Tensor:
     """One MNIST file as a uint8 tensor of (N, rows, columns) images or (N,) labels, or a RunError
     that names the file and what is wrong with it."""
-    with open_regular(path, REPLACE_MNIST_FILE) as file:
-        content = bytearray(file.read())  # writable, as torch.frombuffer wants it
+    content = bytearray(
+        read_whole(path, REPLACE_MNIST_FILE, MNIST_FILE_LIMIT)
+    )  # writable, as torch.frombuffer wants it
     problem = idx_problem(content, kind)
     if problem:
         raise RunError(f"{shown(path)} {problem}. {REPLACE_MNIST_FILE}")

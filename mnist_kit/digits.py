@@ -1,5 +1,6 @@
 """Your own pictures of digits, prepared as MNIST's were, for --predict and prepare_digit."""
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -10,6 +11,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from mnist_kit.data import MNIST_MEAN, MNIST_STD
+from mnist_kit.errors import RunError, shown
+from mnist_kit.files import read_whole
 
 # MNIST's digits began as black-and-white scans. Each was scaled to fit a 20x20 box, its aspect
 # ratio kept (the grey edges come from the anti-aliasing of that scaling), and placed in a 28x28
@@ -36,6 +39,19 @@ class PictureError(Exception):
     """A picture that cannot be read as a digit; the message says why."""
 
 
+PICTURE_FILE_LIMIT = 2**28  # bytes: 256 MiB, more than a photo's; Pillow refuses more pixels than that anyway
+
+
+def picture_bytes(path: str | Path) -> bytes:
+    """The bytes of a picture file, read with a bound: no FIFO, device or endless file is read forever."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(path)
+    try:
+        return read_whole(path, "", PICTURE_FILE_LIMIT)
+    except RunError as error:  # said of the path, which the line of a picture already starts with
+        raise PictureError(str(error).removeprefix(shown(path)).strip().removeprefix("is ")) from None
+
+
 def open_picture(path: str | Path) -> Image.Image:
     """The picture in a file, in any format Pillow reads, or a PictureError that says what is wrong."""
     try:
@@ -43,7 +59,7 @@ def open_picture(path: str | Path) -> Image.Image:
         # refuses those over twice as many. These are the user's own pictures: only the refusal is shown.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as picture:
+            with Image.open(io.BytesIO(picture_bytes(path))) as picture:
                 picture.load()  # Pillow reads lazily: a damaged file fails here, not later
                 return picture
     except FileNotFoundError:

@@ -27,3 +27,29 @@ def open_regular(path: str | Path, advice: str) -> BinaryIO:
             return os.fdopen(descriptor, "rb")
         os.close(descriptor)
     raise RunError(f"{shown(path)} is {NOT_A_FILE.get(kind, 'not a regular file')}, not a file. {advice}")
+
+
+def read_whole(path: str | Path, advice: str, limit: int) -> bytes:
+    """The bytes of a regular file, read to the size it had when opened and no further, or a
+    RunError when it is larger than limit, or grows or shrinks while it is read."""
+    # A regular file can still be endless: one being written as it is read, or one the system
+    # makes up as it is read (the files of /proc say they hold 0 bytes).
+    with open_regular(path, advice) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > limit:
+            raise RunError(f"{shown(path)} is {size:,} bytes, more than the {limit:,} it can be. {advice}")
+        content = file.read(size)
+        if len(content) != size or file.read(1):
+            raise RunError(
+                f"{shown(path)} changed size while it was read: it is still being written, or is not a file "
+                f"on a disk. {advice}"
+            )
+    return content
+
+
+def memory_size() -> int:
+    """This machine's memory in bytes, the most any file read whole can be (2**63 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 2**63

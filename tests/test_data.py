@@ -28,9 +28,11 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_mnist import LitNeuralNet, main
+import mnist_kit.data
+from lightning_mnist import LitNeuralNet, main, prepare_digit
 from mnist_kit.checkpoints import read_checkpoint
 from mnist_kit.data import gunzip, read_idx
+from mnist_kit.digits import PictureError
 from mnist_kit.errors import RunError
 
 
@@ -311,3 +313,52 @@ def test_a_gz_of_the_wrong_content_is_named_not_the_file_unpacked_from_it(data, 
         "with 0x00000801, where MNIST images files start with 0x00000803."
     )
     assert sorted(path.name for path in data.iterdir() if "train-images" in path.name) == [f"{images.name}.gz"]
+
+
+## Inputs read with a bound: nothing the script reads can make it read forever or fill the memory
+
+
+def endless(path: Path, kind: str, monkeypatch) -> None:
+    """Put at path an input that would never end, or one that changes as it is read."""
+    if kind == "a character device":
+        path.symlink_to("/dev/zero")
+    elif kind == "a file the system makes up as it is read":
+        path.symlink_to("/proc/self/status")  # a regular file that says it holds 0 bytes
+    else:  # a file that grows while it is read: it is larger than its size when it was opened
+        path.write_bytes(b"\0" * 4096)
+        fstat = os.fstat
+        monkeypatch.setattr(os, "fstat", lambda fd: os.stat_result((*fstat(fd)[:6], 1024, *fstat(fd)[7:])))
+
+
+READERS = {
+    "MNIST file": lambda path: read_idx(path, "labels"),
+    ".gz file": lambda path: gunzip(path, path.with_name("unpacked"), "images"),
+    "checkpoint": lambda path: read_checkpoint(path, LitNeuralNet),
+    "picture": lambda path: prepare_digit(path),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
+@pytest.mark.parametrize(
+    "kind", ["a character device", "a file the system makes up as it is read", "a file that grows while it is read"]
+)
+def test_an_endless_or_growing_input_is_named_and_refused_at_once(reader, kind, tmp_path, monkeypatch):
+    path = tmp_path / "input"
+    endless(path, kind, monkeypatch)
+    with within(10), pytest.raises((RunError, PictureError)) as raised:
+        READERS[reader](path)
+    message = str(raised.value)
+    assert len(message.splitlines()) == 1
+    if kind == "a character device":
+        assert "a character device, not a file" in message
+    else:
+        assert "changed size while it was read" in message
+    assert not (tmp_path / "unpacked").exists()
+
+
+def test_a_gz_file_that_unpacks_to_more_than_any_mnist_file_is_refused_without_unpacking_it(tmp_path):
+    archive = tmp_path / "train-images-idx3-ubyte.gz"
+    archive.write_bytes(gzip.compress(b"\0" * (mnist_kit.data.MNIST_FILE_LIMIT + 1), compresslevel=1))
+    with within(30), pytest.raises(RunError, match=r"unpacks to more than 268,435,456 bytes, more than any MNIST"):
+        gunzip(archive, tmp_path / "train-images-idx3-ubyte", "images")
+    assert sorted(tmp_path.iterdir()) == [archive]
