@@ -24,7 +24,7 @@ from pytorch_lightning.utilities.warnings import PossibleUserWarning
 from tqdm import tqdm
 
 from mnist_kit.checkpoints import read_checkpoint
-from mnist_kit.errors import RunError
+from mnist_kit.errors import RunError, shown
 from mnist_kit.flags import CHECKPOINT_FLAGS, cpu_cores
 
 # Keep the output to what a user can act on. Lightning 2.6 advertises its cloud logger at
@@ -194,6 +194,14 @@ def model_arguments(args: argparse.Namespace, model_class: type[pl.LightningModu
                 f"leave {flag} out to continue that run, or leave --ckpt-path out to start a new one."
             )
         arguments[name] = trained.get(name, default if given is None else given)
+    taken = [
+        f"{flag} {trained[name]:g}"
+        for name, flag in CHECKPOINT_FLAGS.items()
+        if getattr(args, name) is None and name in trained
+    ]
+    if trained and taken and rank_zero_only.rank == 0:
+        # The sizes and the rate of the model continued, which its flags would not show.
+        print(f"Continuing {shown(args.ckpt_path)} with its own {', '.join(taken)}.", file=sys.stderr)
     check_memory(arguments, model_class)
     return arguments
 

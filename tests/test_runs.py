@@ -34,7 +34,7 @@ import mnist_kit.data
 import mnist_kit.errors
 import mnist_kit.runs
 from lightning_mnist import LitNeuralNet, build_trainer, main, newest_best_checkpoint, parse_args
-from mnist_kit.lr_finder import finder_losses
+from mnist_kit.lr_finder import finder_losses, suggested_rate
 from mnist_kit.runs import check_memory, claim_run_folder
 
 
@@ -292,12 +292,20 @@ def test_a_default_given_explicitly_against_a_checkpoint_is_refused(
     assert error.startswith(f"error: {named} contradicts the checkpoint")
 
 
-def test_left_out_model_flags_take_the_checkpoints_values_or_the_defaults(trained_run):
+def test_left_out_model_flags_take_the_checkpoints_values_or_the_defaults(trained_run, capsys):
     last = str(trained_run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt")
     continued = mnist_kit.runs.model_arguments(parse_args(["--ckpt-path", last, "--batch-size", "50"]), LitNeuralNet)
     assert (continued["hidden_size"], continued["batch_size"]) == (16, 50)
+    # One line says what the continued run took from its checkpoint: the flags left out, with their values.
+    assert (
+        capsys.readouterr().err
+        == f"Continuing {last} with its own --hidden-size 16, --lr {continued['learning_rate']:g}.\n"
+    )
     fresh = mnist_kit.runs.model_arguments(parse_args([]), LitNeuralNet)
     assert (fresh["hidden_size"], fresh["batch_size"], fresh["learning_rate"]) == (500, 100, 1e-3)
+    mnist_kit.runs.model_arguments(parse_args(["--ckpt-path", last, "--hidden-size", "16", "--lr",
+                                               str(continued["learning_rate"]), "--batch-size", "50"]), LitNeuralNet)  # fmt: skip
+    assert capsys.readouterr().err == ""  # fresh, or every value given: nothing was taken
 
 
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "-inf"])
@@ -377,6 +385,23 @@ def test_the_finder_losses_are_each_steps_own_loss(tiny_mnist, tmp_path):
     reported = finder.results["loss"]
     assert reported[0] == pytest.approx(model.losses[0] / 2, rel=0.05)  # Lightning's curve starts at half the loss
     assert finder_losses(reported) == pytest.approx(model.losses[: len(reported)], rel=1e-4)
+
+
+@settings(max_examples=50, deadline=None)
+@given(lowest=st.integers(20, 80), noise=st.floats(0, 0.05), seed=st.integers(0, 2**16))
+def test_the_finder_suggests_a_tenth_of_the_rate_where_the_smoothed_loss_is_lowest(lowest, noise, seed):
+    # A range test's 100 rates from 1e-8 to 1, and a loss whose valley lies at rate number `lowest`,
+    # with noise that the smoothing must not mistake for the valley.
+    rates = torch.logspace(-8, 0, 100).tolist()
+    generator = torch.Generator().manual_seed(seed)
+    losses = (((torch.arange(100) - lowest) / 20) ** 2 + 0.5 + noise * torch.randn(100, generator=generator)).tolist()
+    losses[-3:] = [float("nan"), float("inf"), 1e6]  # where the loss blew up
+    smoothed, rate = suggested_rate(rates, losses)
+    assert len(smoothed) == 100
+    # The smoothing lags a few steps behind the valley, at most 10 (a factor of 1.6 in the rate).
+    found = min(range(97), key=smoothed.__getitem__)
+    assert rate == rates[found] / 10
+    assert lowest <= found <= lowest + 10
 
 
 def jittered(original):
