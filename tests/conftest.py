@@ -363,3 +363,9 @@ def data(tiny_mnist, in_tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def scratch(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("scratch")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_mnist, tmp_path_factory) -> Path:
+    """A folder where a 1-epoch run of the tiny MNIST finished: lightning_logs/version_0."""
+    return run_in(tmp_path_factory.mktemp("finished_run"), ["--data-dir", str(tiny_mnist), "--max-epochs", "1"])

@@ -6,6 +6,7 @@ and no temporary file left. And no weight that is NaN or infinite is ever saved,
 import contextlib
 import gzip
 import io
+import itertools
 import math
 import os
 import re
@@ -15,23 +16,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
+import textwrap
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Self
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from conftest import (
     SCRIPT,
+    best_checkpoint,
     errors_of,
     fails,
     nothing_stray,
     reported_accuracy,
     run_in,
-    run_script,
     trainers_with,
 )
 from hypothesis import HealthCheck, given, settings
@@ -44,9 +44,9 @@ import mnist_kit.data
 import mnist_kit.errors
 import mnist_kit.signals
 from lightning_mnist import LitNeuralNet, main, parse_args
-from mnist_kit.checkpoints import AtomicCheckpointIO
+from mnist_kit.checkpoints import AtomicCheckpointIO, stored_score
 from mnist_kit.data import download_mnist
-from mnist_kit.flags import resume_command
+from mnist_kit.flags import rerun_command, resume_command
 from mnist_kit.signals import Stopped
 from mnist_kit.stopping import StopOnSignal
 
@@ -72,67 +72,7 @@ def trained(tiny_mnist, tmp_path_factory) -> Path:
     return folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
 
 
-## A signal to a real process, or to its whole group with DataLoader workers
-
-
-def start(flags: list[str], cwd: Path) -> subprocess.Popen:
-    """The script in a process group of its own, as a shell or a scheduler starts it; output to cwd/output.txt."""
-    with open(cwd / "output.txt", "w") as output:  # the process has its own copy of the file
-        return subprocess.Popen(
-            [sys.executable, str(SCRIPT), *flags],
-            cwd=cwd, stdout=output, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, start_new_session=True, text=True,
-        )  # fmt: skip
-
-
-def wait_for_training(process: subprocess.Popen, cwd: Path) -> None:
-    """Until the progress bar shows the 20th training step or later of the first epoch, of 100."""
-    deadline = time.monotonic() + 120
-    while not re.search(r"Epoch 0: +\d+%.*?\| *[2-9]\d/100", (cwd / "output.txt").read_text()):
-        assert process.poll() is None and time.monotonic() < deadline, (cwd / "output.txt").read_text()[-2000:]
-        time.sleep(0.05)
-
-
-STOPPED = re.compile(r"^Stopped by (\w+) in epoch 0 at step (\d+)\. Continue it with:\n  (.+)$", re.MULTILINE)
-
-
-@pytest.mark.parametrize(
-    ("signum", "group", "workers"),
-    [(signal.SIGTERM, True, 2), (signal.SIGHUP, True, 2), (signal.SIGINT, False, 0)],
-    ids=["SIGTERM to the group, with workers", "SIGHUP to the group, with workers", "SIGINT to the process"],
-)
-def test_a_signal_saves_the_step_reports_on_stderr_and_the_printed_command_continues(
-    signum, group, workers, tiny_mnist, tmp_path
-):
-    # The progress bar goes to stdout's file here, so that stderr holds the report alone.
-    flags = ["--data-dir", str(tiny_mnist), "--num-workers", str(workers), "--batch-size", "1", "--hidden-size", "16",
-             "--max-epochs", "1", "--limit-train-batches", "100"]  # fmt: skip
-    process = start(flags, tmp_path)
-    try:
-        wait_for_training(process, tmp_path)
-        os.killpg(process.pid, signum) if group else process.send_signal(signum)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
-    assert process.returncode == 128 + signum, stderr
-    assert "Traceback" not in stderr and "error:" not in stderr, stderr
-    (report,) = STOPPED.findall(stderr)
-    name, step, command = report
-    assert name == signum.name
-    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    saved = torch.load(last, weights_only=True)
-    assert (saved["epoch"], saved["global_step"]) == (0, int(step)) and int(step) >= 20
-    assert shlex.split(command)[:2] == [sys.executable, str(SCRIPT)]
-    no_temporary_file(tmp_path)
-    if signum != signal.SIGTERM:
-        return
-    # The command as printed, pasted into a shell: the run goes on from that step to its end.
-    resumed = subprocess.run(
-        command, check=False, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert torch.load(last, weights_only=True)["global_step"] == 100
-    assert reported_accuracy(resumed.stdout) >= 50.0
-    no_temporary_file(tmp_path)
+## A closed terminal
 
 
 def test_a_closed_terminal_stops_the_run_with_its_steps_saved(tiny_mnist, tmp_path):
@@ -245,6 +185,8 @@ def test_a_second_signal_stops_at_once_and_says_what_last_ckpt_holds(
 class Strategy:
     """A DDP strategy's reduce between processes, as if the other process had had signal `other`."""
 
+    root_device = torch.device("cpu")
+
     def __init__(self, other: int) -> None:
         self.other, self.calls = other, 0
 
@@ -273,9 +215,12 @@ def test_a_single_process_stops_at_the_step_after_its_signal_without_a_message()
     trainer = SimpleNamespace(world_size=1, global_step=7, log_every_n_steps=10, strategy=strategy)
     stopper = StopOnSignal()
     stopper.on_train_batch_end(trainer, None, None, None, 6)
-    stopper._note(signal.SIGHUP, None)
-    with pytest.raises(Stopped) as stopped:
-        stopper.on_train_batch_end(trainer, None, None, None, 6)
+    mnist_kit.signals._note(signal.SIGHUP, None)
+    try:
+        with pytest.raises(Stopped) as stopped:
+            stopper.on_train_batch_end(trainer, None, None, None, 6)
+    finally:
+        mnist_kit.signals.forget_noted()
     assert stopped.value.code == 128 + signal.SIGHUP and strategy.calls == 0
 
 
@@ -323,8 +268,9 @@ def test_a_checkpoint_save_stopped_part_way_leaves_the_previous_whole_and_no_tem
 ## MNIST's .gz files: unpacked whole, or not at all
 
 
+@pytest.mark.parametrize("signals", [1, 2], ids=["one signal: noted", "two signals: at once"])
 def test_a_gz_file_unpacked_when_a_signal_comes_leaves_neither_a_half_file_nor_a_temporary_one(
-    tiny_mnist, in_tmp_path, capsys, monkeypatch
+    signals, tiny_mnist, in_tmp_path, capsys, monkeypatch
 ):
     raw = in_tmp_path / "data" / "MNIST" / "raw"
     shutil.copytree(tiny_mnist, in_tmp_path / "data")
@@ -333,14 +279,22 @@ def test_a_gz_file_unpacked_when_a_signal_comes_leaves_neither_a_half_file_nor_a
         file.unlink()
     write_bytes = Path.write_bytes
 
-    def write_half_then_signal(self, data):  # a write that SIGTERM interrupts half-way
+    def write_half_then_signal(self, data):  # a write that the signals reach half-way
         write_bytes(self, data[: len(data) // 2])
-        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(signals):
+            os.kill(os.getpid(), signal.SIGTERM)
+        write_bytes(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", write_half_then_signal)
     assert main(["--data-dir", str(in_tmp_path / "data"), "--max-epochs", "1"]) == 128 + signal.SIGTERM
-    assert "Stopped by SIGTERM" in capsys.readouterr().err
-    assert sorted(path.name for path in raw.iterdir()) == sorted(f"{name}.gz" for name in mnist_kit.data.MNIST_FILES)
+    assert "Stopped by SIGTERM before" in capsys.readouterr().err
+    names = sorted(path.name for path in raw.iterdir())
+    unpacked = [name for name in names if not name.endswith(".gz")]
+    # One signal is noted: the file being unpacked is unpacked whole, and the run stops before
+    # it trains. A second stops at once: that file is not there at all.
+    assert len(unpacked) == (1 if signals == 1 else 0) and not [name for name in names if name.endswith(".tmp")]
+    for name in unpacked:
+        assert (raw / name).read_bytes() == (tiny_mnist / "MNIST" / "raw" / name).read_bytes()
     monkeypatch.undo()
     download_mnist(str(in_tmp_path / "data"))  # the next run unpacks them whole
     assert (raw / "t10k-labels-idx1-ubyte").read_bytes() == (tiny_mnist / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").read_bytes()  # fmt: skip
@@ -536,101 +490,6 @@ def test_one_nan_weight_leaves_no_checkpoint_holding_it(poisoned_run):
         assert all(weight.isfinite().all() for weight in weights.values()), checkpoint.name
 
 
-class BackgroundRun:
-    """lightning_mnist.py started in its own process, its output collected as it comes."""
-
-    def __init__(self, *args: str, cwd: Path) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(SCRIPT), *args],
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        self.chunks: list[bytes] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        while chunk := os.read(self.process.stdout.fileno(), 1 << 16):
-            self.chunks.append(chunk)
-
-    @property
-    def output(self) -> str:
-        return b"".join(self.chunks).decode(errors="replace")
-
-    def wait_for_progress(self, epoch: int, batches: int, at_least: int, timeout: float = 120) -> None:
-        """Wait until the progress bar shows at least `at_least` of the epoch's batches done."""
-        progress = re.compile(rf"Epoch {epoch}: .*?\| *(\d+)/{batches}\b")
-        deadline = time.monotonic() + timeout
-        while not any(int(done) >= at_least for done in progress.findall(self.output[-20_000:])):
-            assert self.process.poll() is None, self.output
-            assert time.monotonic() < deadline, self.output
-            time.sleep(0.02)
-
-    def finish(self, timeout: float = 120) -> int:
-        return self.process.wait(timeout)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.process.kill()  # whatever happened, it does not outlive the test
-        self.reader.join()
-
-
-# 300 batches of one image an epoch, a small net: epochs long enough to interrupt in the middle.
-STEPS_PER_EPOCH = 300
-
-
-SLOW_RUN = ("--batch-size", "1", "--hidden-size", "16", "--limit-train-batches", str(STEPS_PER_EPOCH))
-
-
-SLOW_RUN += ("--limit-val-batches", "5", "--max-epochs", "2")
-
-
-def test_sigterm_mid_epoch_saves_a_checkpoint_that_resumes_to_the_planned_steps(tiny_mnist, tmp_path):
-    flags = ["--data-dir", str(tiny_mnist), *SLOW_RUN]
-    with BackgroundRun(*flags, cwd=tmp_path) as run:
-        run.wait_for_progress(epoch=1, batches=STEPS_PER_EPOCH, at_least=5)
-        run.process.send_signal(signal.SIGTERM)
-        assert run.finish() == 128 + signal.SIGTERM, run.output
-
-    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    saved = torch.load(checkpoint, weights_only=False)
-    assert saved["epoch"] == 1 and STEPS_PER_EPOCH < saved["global_step"] < 2 * STEPS_PER_EPOCH  # mid-epoch
-    # The message says once how to go on: this run's command with --ckpt-path.
-    assert re.findall(r"Stopped by SIGTERM in epoch 1 at step (\d+)\. Continue it with:", run.output) == [
-        str(saved["global_step"])
-    ]
-    commands = re.findall(r"^  (.+ --ckpt-path .+)$", run.output, re.MULTILINE)
-    assert len(commands) == 1
-    command = shlex.split(commands[0])
-    assert command == [sys.executable, str(SCRIPT), *flags, "--ckpt-path", str(checkpoint)]  # the Python that ran
-
-    resumed = run_script(*command[2:], cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    assert reported_accuracy(resumed.stdout) >= 90.0
-    # The run went on in its own folder, and its last.ckpt holds where it ended.
-    assert [path.name for path in (tmp_path / "lightning_logs").iterdir()] == ["version_0"]
-    final = torch.load(checkpoint, weights_only=False)
-    assert final["epoch"] == 1 and final["global_step"] == 2 * STEPS_PER_EPOCH
-    # Adam counts its steps: it went on from the saved state instead of starting again.
-    assert {state["step"].item() for state in final["optimizer_states"][0]["state"].values()} == {2 * STEPS_PER_EPOCH}
-
-
-def test_ctrl_c_mid_epoch_saves_a_checkpoint_and_exits_130(tiny_mnist, tmp_path):
-    with BackgroundRun("--data-dir", str(tiny_mnist), *SLOW_RUN, cwd=tmp_path) as run:
-        run.wait_for_progress(epoch=0, batches=STEPS_PER_EPOCH, at_least=5)
-        run.process.send_signal(signal.SIGINT)
-        assert run.finish() == 128 + signal.SIGINT, run.output
-    checkpoint = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    assert 0 < torch.load(checkpoint, weights_only=False)["global_step"] < STEPS_PER_EPOCH
-    assert run.output.count("Stopped by SIGINT in epoch 0 at step ") == 1
-    assert f"--ckpt-path {checkpoint}\n" in run.output
-    assert "Traceback" not in run.output
-
-
 class SignalAt(pl.Callback):
     """Sends this process a signal once, at one moment of the run."""
 
@@ -663,14 +522,15 @@ class SignalAt(pl.Callback):
 @pytest.mark.parametrize(
     ("signum", "moment", "where", "continued"),
     [
-        (signal.SIGTERM, "learning-rate finder", "during the learning-rate finder, before training", False),
-        (signal.SIGINT, "learning-rate finder", "during the learning-rate finder, before training", False),
-        (signal.SIGINT, "sanity check", "in epoch 0 at step 1", True),
+        # Set-up (the finder, the sanity check) ends at the stop point before the first step.
+        (signal.SIGTERM, "learning-rate finder", "before the first training step", False),
+        (signal.SIGINT, "learning-rate finder", "before the first training step", False),
+        (signal.SIGINT, "sanity check", "before the first training step", False),
         (signal.SIGTERM, "training", "in epoch 1 at step 9", True),
         (signal.SIGINT, "training", "in epoch 1 at step 9", True),
         (signal.SIGTERM, "validation", "in epoch 1 at step 7", True),
         (signal.SIGINT, "last validation", "after training had finished, before the final test", True),
-        (signal.SIGTERM, "restore", "before training went on", True),
+        (signal.SIGTERM, "restore", "in epoch 1 at step 6", True),  # where the checkpoint had stopped
     ],
 )
 def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
@@ -706,15 +566,27 @@ def test_an_interrupted_run_says_where_it_stopped_and_how_to_continue(
         if where.startswith("in epoch"):  # the checkpoint holds the step where it stopped
             assert f"in epoch {saved['epoch']} at step {saved['global_step']}" in where
     else:
-        nothing = "Nothing to continue: it had saved no checkpoint. Run the same command again."
-        assert report == [f"Stopped by {signum.name} {where}. {nothing}"]
+        nothing = "Nothing to continue: it had saved no checkpoint. Run it again with:"
+        assert report == [f"Stopped by {signum.name} {where}. {nothing}", f"  {rerun_command(argv, SCRIPT)}"]
         assert not list(in_tmp_path.glob("lightning_logs/*"))  # the run's empty folder is gone
     nothing_stray(in_tmp_path)
 
 
-def test_a_signal_during_the_final_test_lets_it_finish(tiny_mnist, in_tmp_path, capsys, monkeypatch):
+def test_a_signal_during_the_final_test_lets_it_finish_and_then_stops(tiny_mnist, in_tmp_path, capsys, monkeypatch):
     trainers_with(monkeypatch, SignalAt(signal.SIGTERM, "final test"))
-    assert main(["--data-dir", str(tiny_mnist), "--max-epochs", "1"]) == 0
+    argv = ["--data-dir", str(tiny_mnist), "--max-epochs", "1"]
+    assert main(argv) == 128 + signal.SIGTERM
+    captured = capsys.readouterr()
+    assert "Test accuracy" not in captured.out  # a stopped run claims no result
+    last = in_tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    report = captured.err[captured.err.index("Stopped by") :].splitlines()
+    assert report == [
+        "Stopped by SIGTERM during the final test, after training had finished. Continue it with:",
+        f"  {resume_command(argv, last, SCRIPT)}",
+    ]
+    assert torch.load(last, weights_only=True)["global_step"] == 6  # the last epoch's, not the best's
+    monkeypatch.undo()
+    assert main([*argv, "--ckpt-path", str(last)]) == 0  # the command: it tests, with the best epoch
     assert reported_accuracy(capsys.readouterr().out) >= 90.0
 
 
@@ -723,3 +595,146 @@ def test_the_lightning_mnist_module_sees_no_leftover_handler(tiny_mnist, in_tmp_
     assert main(["--data-dir", str(tiny_mnist), "--fast-dev-run"]) == 0
     assert {signum: signal.getsignal(signum) for signum in before} == before
     assert torch.distributed.is_initialized() is False
+
+
+## One stop policy across the whole class: every signal, target, DataLoader workers, processes and phase
+
+STOP_DRIVER = textwrap.dedent(
+    """
+    import os, sys, time
+    import pytorch_lightning as pl
+    import lightning_mnist
+
+    PHASE = os.environ["STOP_TEST_PHASE"]
+
+
+    class Reached(pl.Callback):
+        # On global rank 0, at the phase: say so in a file, and stay in the phase while the signal comes.
+        def _at(self, trainer, phase):
+            if phase == PHASE and trainer.global_rank == 0 and not os.path.exists("reached"):
+                open("reached", "w").close()
+                time.sleep(1)
+
+        def setup(self, trainer, pl_module, stage):
+            self._at(trainer, "set-up")
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 15:
+                self._at(trainer, "training")
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            if not trainer.sanity_checking:
+                self._at(trainer, "validation")
+
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self._at(trainer, "final test")
+
+
+    build_trainer = lightning_mnist.build_trainer
+
+
+    def build_trainer_that_reports(args):
+        trainer = build_trainer(args)
+        trainer.callbacks.insert(0, Reached())
+        return trainer
+
+
+    lightning_mnist.build_trainer = build_trainer_that_reports
+    if __name__ == "__main__":
+        sys.exit(lightning_mnist.main())
+    """
+)
+
+STOP_FACTORS = {
+    "signal": [signal.SIGINT, signal.SIGTERM, signal.SIGHUP],
+    "to": ["process", "group"],
+    "workers": [0, 2],
+    "processes": [1, 2],
+    "phase": ["set-up", "training", "validation", "final test"],
+}
+
+
+def pairwise_cases(factors: dict[str, list]) -> list[dict]:
+    """Cases in which every value of each factor meets every value of each other factor at least
+    once: a greedy all-pairs cover of the full product, deterministic, far smaller than it."""
+    names = list(factors)
+    uncovered = {((a, x), (b, y)) for a, b in itertools.combinations(names, 2) for x in factors[a] for y in factors[b]}
+    cases = []
+    while uncovered:
+        best = max(
+            itertools.product(*factors.values()),
+            key=lambda values: sum(
+                ((a, values[names.index(a)]), (b, values[names.index(b)])) in uncovered
+                for a, b in itertools.combinations(names, 2)
+            ),
+        )
+        case = dict(zip(names, best, strict=True))
+        uncovered -= {((a, case[a]), (b, case[b])) for a, b in itertools.combinations(names, 2)}
+        cases.append(case)
+    return cases
+
+
+def test_the_cases_cover_every_pair_of_the_factors():
+    cases = pairwise_cases(STOP_FACTORS)
+    for a, b in itertools.combinations(STOP_FACTORS, 2):
+        assert {(case[a], case[b]) for case in cases} == set(itertools.product(STOP_FACTORS[a], STOP_FACTORS[b]))
+    assert len(cases) < math.prod(len(values) for values in STOP_FACTORS.values()) / 5
+
+
+STOP_REPORT = re.compile(r"^Stopped by (\w+) (.+?)\. (?:Continue it with|.*Run it again with):\n  (.+)$", re.MULTILINE)
+
+
+@pytest.mark.parametrize(
+    "case",
+    pairwise_cases(STOP_FACTORS),
+    ids=lambda case: "-".join(str(getattr(value, "name", value)) for value in case.values()),
+)
+def test_every_stop_saves_its_step_reports_once_and_the_printed_command_finishes_the_run(case, tiny_mnist, tmp_path):
+    (tmp_path / "driver.py").write_text(STOP_DRIVER)
+    layout = ["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"] if case["processes"] == 2 else []
+    flags = ["--data-dir", str(tiny_mnist), "--batch-size", "10", "--hidden-size", "16", "--max-epochs", "2",
+             "--limit-val-batches", "3", "--num-workers", str(case["workers"]), *layout]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(SCRIPT.parent), "STOP_TEST_PHASE": case["phase"]}
+    with open(tmp_path / "output.txt", "w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "driver.py", *flags], cwd=tmp_path, env=env, stdout=output, stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL, start_new_session=True, text=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "reached").exists():
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()[-3000:]
+            time.sleep(0.05)
+        signum = case["signal"]
+        os.killpg(process.pid, signum) if case["to"] == "group" else process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL) if process.poll() is None else None
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr and "error:" not in stderr, stderr[-3000:]
+    (report,) = STOP_REPORT.findall(stderr)  # one report, by global rank 0
+    name, where, command = report
+    assert name == signum.name
+    last = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    steps_per_epoch = math.ceil(550 / case["processes"] / 10)
+    if case["phase"] == "set-up":  # before the first step, nothing to save
+        assert where == "before the first training step" and not last.exists()
+    else:
+        saved = torch.load(last, weights_only=True)
+        if case["phase"] == "final test":
+            assert where == "during the final test, after training had finished"
+            assert saved["global_step"] == 2 * steps_per_epoch
+        else:  # last.ckpt holds the step where it stopped: the step of the signal, or the next agreed one
+            assert where == f"in epoch {saved['epoch']} at step {saved['global_step']}"
+            after = 16 if case["phase"] == "training" else steps_per_epoch + 1
+            agreed = after if case["processes"] == 1 else math.ceil(after / 10) * 10
+            assert saved["global_step"] == agreed
+    # The command as printed, pasted into a shell: the run goes on to its planned end and tests its best.
+    resumed = subprocess.run(
+        command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, weights_only=True)["global_step"] == 2 * steps_per_epoch
+    best = best_checkpoint(resumed.stdout)
+    scores = [stored_score(path) for path in last.parent.glob("*.ckpt")]
+    assert stored_score(best)[0] == max(score for score, _ in filter(None, scores))
