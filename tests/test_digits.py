@@ -363,3 +363,17 @@ def test_ink_at_the_edge_does_not_decide_which_shade_is_paper():
     # Prepared as the same page on a wider sheet, whose edge is paper alone.
     touching, clear = ink(prepare_digit(page)), ink(prepare_digit(ImageOps.expand(page, 40, fill=150)))
     assert (touching - clear).abs().mean() < 0.02
+
+
+@settings(max_examples=25, deadline=None)
+@given(paper=st.integers(0, 200), contrast=st.integers(60, 255))
+def test_light_strokes_on_darker_paper_of_any_shade_are_read_as_their_mirror(paper, contrast):
+    # Chalk on a board, white pen on grey card: whatever the two shades, the darker one that fills the
+    # edge is paper, so the picture is prepared as its mirror, dark strokes on the lighter paper.
+    strokes = paper + contrast
+    assume(strokes <= 255)
+    light = Image.new("L", (120, 120), paper)
+    write(light, "7", strokes, font_size=100, stroke=6)
+    mirror = ImageOps.invert(light)
+    assert (ink(prepare_digit(light)) - ink(prepare_digit(mirror))).abs().max() < 1e-4
+    assert ink(prepare_digit(light)).max() > 0.9  # a digit, not the paper taken for ink

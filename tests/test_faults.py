@@ -18,19 +18,12 @@ from conftest import (
     fails,
     nothing_stray,
     reported_accuracy,
-    run_in,
     run_script,
 )
 
 from lightning_mnist import LitNeuralNet, build_trainer, main, parse_args
+from mnist_kit.command_line import is_problem
 from mnist_kit.errors import RunError
-
-
-@pytest.fixture(scope="module")
-def finished_run(tiny_mnist, tmp_path_factory) -> Path:
-    """A folder where a 1-epoch run of the tiny MNIST finished: lightning_logs/version_0."""
-    return run_in(tmp_path_factory.mktemp("finished_run"), ["--data-dir", str(tiny_mnist), "--max-epochs", "1"])
-
 
 ## Checkpoint files that --ckpt-path cannot use
 
@@ -206,7 +199,23 @@ def test_a_checkpoint_whose_run_folder_is_gone_still_resumes_and_tests(finished_
 ## A bug of the script keeps its traceback
 
 
-@pytest.mark.parametrize("bug", [ZeroDivisionError("division by zero"), RuntimeError("mat1 and mat2 shapes differ")])
+BUGS = [
+    ZeroDivisionError("division by zero"),
+    RuntimeError("mat1 and mat2 shapes differ"),
+    AttributeError("'NoneType' object has no attribute 'shape'"),
+    TypeError("forward() takes 2 positional arguments but 3 were given"),
+    KeyError("val_loss"),
+    IndexError("list index out of range"),
+    ValueError("too many values to unpack"),
+]
+
+
+@pytest.mark.parametrize("bug", BUGS, ids=type)
+def test_no_class_of_bug_is_taken_for_a_users_mistake(bug):
+    assert not is_problem(bug)
+
+
+@pytest.mark.parametrize("bug", BUGS[:3], ids=type)
 def test_a_bug_of_the_script_is_not_turned_into_an_error_line(bug, tiny_mnist, in_tmp_path, monkeypatch):
     def training_step(self, batch, batch_idx):
         raise bug

@@ -305,6 +305,11 @@ def test_any_text_is_shown_on_one_printable_line_that_reads_back_as_it(text, enc
     assert unshown(line) == text
 
 
+def test_a_newline_tab_and_return_are_shown_as_their_escapes():
+    assert shown("a\nb\tc\rd\\e") == "a\\nb\\tc\\rd\\\\e"
+    assert shown("\x00\x7f") == "\\x00\\x7f"
+
+
 ## The environment
 
 

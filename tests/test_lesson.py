@@ -270,7 +270,7 @@ def test_load_from_checkpoint_needs_no_other_argument_and_gives_the_logged_accur
 def test_no_tip_to_add_workers_on_a_machine_with_many_cores(tiny_mnist, tmp_path):
     # Lightning suggests workers when the machine has more than 2 cores: pretend it has 16.
     run = (
-        "import runpy, sys, lightning_fabric.utilities.data as data\n"
+        f"import runpy, sys, lightning_fabric.utilities.data as data; sys.path.insert(0, {str(SCRIPT.parent)!r})\n"
         "data._num_cpus_available = lambda: 16\n"
         "print('suggested workers:', data.suggested_max_num_workers(1))\n"
         f"sys.argv = [{str(SCRIPT)!r}, '--data-dir', {str(tiny_mnist)!r}, '--fast-dev-run']\n"

@@ -29,6 +29,7 @@ def shown_lines(text: str) -> list[str]:
 def executed(tiny_mnist, tmp_path_factory):
     clone = tmp_path_factory.mktemp("clone")
     shutil.copy(SCRIPT, clone)
+    shutil.copytree(SCRIPT.parent / "mnist_kit", clone / "mnist_kit", ignore=shutil.ignore_patterns("__pycache__"))
     (clone / "docs").mkdir()
     shutil.copy(NOTEBOOK, clone / "docs")
     shutil.copytree(tiny_mnist, clone / "data")
