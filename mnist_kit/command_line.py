@@ -53,8 +53,8 @@ def main(
     args = parse_args(argv)
     run = {"trainer": None, "folder": None, "phase": "set-up"}  # train_and_test fills it in as it goes
     # A stop signal is noted, and the run stops at the next stop point (signals.py); the first is
-    # here, for a signal during the imports and the checks, unless the run's other processes
-    # would wait for this one: then it is StopOnSignal's first.
+    # here, for a signal during the imports (noted since answer_before_imports) and the checks,
+    # unless the run's other processes would wait for this one: then it is StopOnSignal's first.
     handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
     note_stop_signals()
     stdout = sys.stdout

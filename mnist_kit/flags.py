@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from mnist_kit.signals import note_stop_signals
+
 
 def working_folder_problem() -> str | None:
     """What is wrong with the working folder, where runs are kept: gone, or unreadable; None if nothing."""
@@ -291,8 +293,12 @@ def rerun_command(argv: list[str], script: str | Path) -> str:
 
 
 def answer_before_imports(argv: list[str], parse_args: Callable[[list[str]], argparse.Namespace]) -> None:
-    """What python lightning_mnist.py does before it imports torch: answer --help, refuse a flag
-    (exit status 2), or refuse a working folder that is gone or unreadable (exit status 1)."""
+    """What python lightning_mnist.py does before it imports torch: note a stop signal from now on
+    (signals.py), answer --help, refuse a flag (exit status 2), or refuse a working folder that
+    is gone or unreadable (exit status 1)."""
+    # Ctrl-C during the seconds of `import torch` would end in a KeyboardInterrupt traceback; noted,
+    # it stops the run at main()'s first stop point, with the report of every other stop.
+    note_stop_signals()
     # In a deleted working folder, `import torch` kills the process with "Intel oneMKL FATAL ERROR:
     # Cannot load libtorch_cpu.so", which names nothing.
     problem = working_folder_problem()

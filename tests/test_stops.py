@@ -738,3 +738,27 @@ def test_every_stop_saves_its_step_reports_once_and_the_printed_command_finishes
     best = best_checkpoint(resumed.stdout)
     scores = [stored_score(path) for path in last.parent.glob("*.ckpt")]
     assert stored_score(best)[0] == max(score for score, _ in filter(None, scores))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_while_torch_is_imported_is_a_report_not_a_traceback(signum, tiny_mnist, tmp_path):
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--data-dir", str(tiny_mnist), "--max-epochs", "1"], cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    try:
+        # Once torch's library is loaded, the import of torch and Lightning has seconds to go.
+        maps, deadline = Path(f"/proc/{process.pid}/maps"), time.monotonic() + 60
+        while "libtorch" not in (maps.read_text() if process.poll() is None else ""):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signum)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err and "Test accuracy" not in out
+    assert re.search(
+        rf"^Stopped by {signum.name} before training started\. .*Run it again with:$", err, re.MULTILINE
+    ), err
+    assert not (tmp_path / "lightning_logs").exists()
