@@ -198,9 +198,8 @@ def idx_sizes(content: bytes) -> list[int]:
 def read_idx(path: Path, kind: str) -> torch.Tensor:
     """One MNIST file as a uint8 tensor of (N, rows, columns) images or (N,) labels, or a RunError
     that names the file and what is wrong with it."""
-    content = bytearray(
-        read_whole(path, REPLACE_MNIST_FILE, MNIST_FILE_LIMIT)
-    )  # writable, as torch.frombuffer wants it
+    # Writable, as torch.frombuffer wants it.
+    content = bytearray(read_whole(path, REPLACE_MNIST_FILE, MNIST_FILE_LIMIT))
     problem = idx_problem(content, kind)
     if problem:
         raise RunError(f"{shown(path)} {problem}. {REPLACE_MNIST_FILE}")

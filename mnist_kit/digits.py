@@ -11,8 +11,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor, to_pil_image
 
 from mnist_kit.data import MNIST_MEAN, MNIST_STD
-from mnist_kit.errors import RunError, shown
-from mnist_kit.files import read_whole
+from mnist_kit.files import FileRefused, read_whole
 
 # MNIST's digits began as black-and-white scans. Each was scaled to fit a 20x20 box, its aspect
 # ratio kept (the grey edges come from the anti-aliasing of that scaling), and placed in a 28x28
@@ -45,11 +44,11 @@ PICTURE_FILE_LIMIT = 2**28  # bytes: 256 MiB, more than a photo's; Pillow refuse
 def picture_bytes(path: str | Path) -> bytes:
     """The bytes of a picture file, read with a bound: no FIFO, device or endless file is read forever."""
     if Path(path).is_dir():
-        raise IsADirectoryError(path)
+        raise IsADirectoryError(path)  # "a folder, not a picture", as open_picture says
     try:
         return read_whole(path, "", PICTURE_FILE_LIMIT)
-    except RunError as error:  # said of the path, which the line of a picture already starts with
-        raise PictureError(str(error).removeprefix(shown(path)).strip().removeprefix("is ")) from None
+    except FileRefused as error:  # the line of a picture already starts with its name
+        raise PictureError(error.reason.removeprefix("is ")) from None
 
 
 def open_picture(path: str | Path) -> Image.Image:

@@ -9,12 +9,21 @@ from typing import BinaryIO
 
 from mnist_kit.errors import RunError, shown
 
+
+class FileRefused(RunError):
+    """A file refused before or while it was read; reason is what it was said to be, without its name."""
+
+    def __init__(self, path: str | Path, reason: str, advice: str) -> None:
+        self.reason = reason
+        super().__init__(f"{shown(path)} {reason}. {advice}".strip())
+
+
 NOT_A_FILE = {stat.S_IFDIR: "a folder", stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFSOCK: "a socket",
               stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
 
 
 def open_regular(path: str | Path, advice: str) -> BinaryIO:
-    """A file opened for reading, or a RunError when path is not a regular file (a FIFO, a device,
+    """A file opened for reading, or FileRefused when path is not a regular file (a FIFO, a device,
     a socket, a folder), whose reading could wait forever or never end; advice says what to do."""
     # Checked before it is opened, since opening a FIFO waits for a writer and opening a socket
     # fails, and again once open (O_NONBLOCK changes nothing for a regular file), in case the
@@ -26,24 +35,22 @@ def open_regular(path: str | Path, advice: str) -> BinaryIO:
         if kind == stat.S_IFREG:
             return os.fdopen(descriptor, "rb")
         os.close(descriptor)
-    raise RunError(f"{shown(path)} is {NOT_A_FILE.get(kind, 'not a regular file')}, not a file. {advice}")
+    raise FileRefused(path, f"is {NOT_A_FILE.get(kind, 'not a regular file')}, not a file", advice)
 
 
 def read_whole(path: str | Path, advice: str, limit: int) -> bytes:
-    """The bytes of a regular file, read to the size it had when opened and no further, or a
-    RunError when it is larger than limit, or grows or shrinks while it is read."""
+    """The bytes of a regular file, read to the size it had when opened and no further, or
+    FileRefused when it is larger than limit, or grows or shrinks while it is read."""
     # A regular file can still be endless: one being written as it is read, or one the system
     # makes up as it is read (the files of /proc say they hold 0 bytes).
     with open_regular(path, advice) as file:
         size = os.fstat(file.fileno()).st_size
         if size > limit:
-            raise RunError(f"{shown(path)} is {size:,} bytes, more than the {limit:,} it can be. {advice}")
+            raise FileRefused(path, f"is {size:,} bytes, more than the {limit:,} it can be", advice)
         content = file.read(size)
         if len(content) != size or file.read(1):
-            raise RunError(
-                f"{shown(path)} changed size while it was read: it is still being written, or is not a file "
-                f"on a disk. {advice}"
-            )
+            reason = "changed size while it was read: it is still being written, or is not a file on a disk"
+            raise FileRefused(path, reason, advice)
     return content
 
 

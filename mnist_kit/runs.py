@@ -199,7 +199,7 @@ def model_arguments(args: argparse.Namespace, model_class: type[pl.LightningModu
         for name, flag in CHECKPOINT_FLAGS.items()
         if getattr(args, name) is None and name in trained
     ]
-    if trained and taken and rank_zero_only.rank == 0:
+    if taken and rank_zero_only.rank == 0:
         # The sizes and the rate of the model continued, which its flags would not show.
         print(f"Continuing {shown(args.ckpt_path)} with its own {', '.join(taken)}.", file=sys.stderr)
     check_memory(arguments, model_class)
